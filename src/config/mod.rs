@@ -1,0 +1,293 @@
+//! Directive values: parsed, validated and merged in plain Rust. No ffi here: the httpd layer
+//! hands us strings and stores what we return in its pools.
+
+#![forbid(unsafe_code)]
+
+pub mod daemon_process;
+pub mod script_alias;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use daemon_process::ProcessGroupSpec;
+use script_alias::ScriptAliasOptions;
+
+/// Per-directory settings (`<Directory>`, `<Location>`, `<Files>`, `.htaccess`, and the
+/// server's defaults). `None` means "not set here": the merge keeps the outer value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DirConfig {
+    pub process_group: Option<String>,
+    pub application_group: Option<String>,
+    pub callable_object: Option<String>,
+    pub pass_authorization: Option<bool>,
+    pub script_reloading: Option<bool>,
+    pub chunked_request: Option<bool>,
+}
+
+impl DirConfig {
+    /// `inner` is the more specific section; its settings win.
+    pub fn merge(outer: &DirConfig, inner: &DirConfig) -> DirConfig {
+        DirConfig {
+            process_group: inner
+                .process_group
+                .clone()
+                .or_else(|| outer.process_group.clone()),
+            application_group: inner
+                .application_group
+                .clone()
+                .or_else(|| outer.application_group.clone()),
+            callable_object: inner
+                .callable_object
+                .clone()
+                .or_else(|| outer.callable_object.clone()),
+            pass_authorization: inner.pass_authorization.or(outer.pass_authorization),
+            script_reloading: inner.script_reloading.or(outer.script_reloading),
+            chunked_request: inner.chunked_request.or(outer.chunked_request),
+        }
+    }
+
+    pub fn callable_object(&self) -> &str {
+        self.callable_object.as_deref().unwrap_or("application")
+    }
+
+    pub fn script_reloading(&self) -> bool {
+        self.script_reloading.unwrap_or(true)
+    }
+}
+
+/// How a `WSGIScriptAlias` or `WSGIScriptAliasMatch` matches a URL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AliasMatch {
+    /// A URL-path prefix, matched on whole path segments.
+    Prefix(String),
+    /// A regular expression compiled by Apache; the index names it in the httpd layer's table.
+    Regex { pattern: String, compiled: usize },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScriptAlias {
+    pub matcher: AliasMatch,
+    pub script: String,
+    pub options: ScriptAliasOptions,
+}
+
+/// Per-server settings (the main server and each `<VirtualHost>`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerConfig {
+    pub script_aliases: Vec<ScriptAlias>,
+    /// Global only (WSGISocketPrefix, WSGIPythonHome, WSGIPythonPath); stored on the main server.
+    pub socket_prefix: Option<String>,
+    pub python_home: Option<PathBuf>,
+    pub python_path: Vec<PathBuf>,
+}
+
+impl ServerConfig {
+    /// A vhost's own aliases are tried before the main server's, as mod_alias does.
+    pub fn merge(outer: &ServerConfig, inner: &ServerConfig) -> ServerConfig {
+        let mut script_aliases = inner.script_aliases.clone();
+        script_aliases.extend(outer.script_aliases.iter().cloned());
+        ServerConfig {
+            script_aliases,
+            socket_prefix: inner
+                .socket_prefix
+                .clone()
+                .or_else(|| outer.socket_prefix.clone()),
+            python_home: inner
+                .python_home
+                .clone()
+                .or_else(|| outer.python_home.clone()),
+            python_path: if inner.python_path.is_empty() {
+                outer.python_path.clone()
+            } else {
+                inner.python_path.clone()
+            },
+        }
+    }
+}
+
+/// Identifies the server block (main server or a `<VirtualHost>`) a directive appeared in.
+/// The httpd layer derives it from the `server_rec` address, stable for one config pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServerKey {
+    pub id: usize,
+    pub is_virtual: bool,
+}
+
+/// A `WSGIDaemonProcess` and where it was defined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefinedGroup {
+    pub spec: ProcessGroupSpec,
+    pub server: ServerKey,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GroupTableError {
+    #[error(
+        "WSGIRS0170: WSGIDaemonProcess '{0}': Name duplicates previous WSGI daemon definition."
+    )]
+    Duplicate(String),
+    #[error(
+        "WSGIRS0171: {directive} process-group='{group}': WSGI process group not yet configured. \
+         Define it with WSGIDaemonProcess before this line."
+    )]
+    NotYetConfigured { directive: String, group: String },
+    #[error(
+        "WSGIRS0172: {directive} process-group='{group}': WSGI process group not accessible. \
+         It is defined inside another <VirtualHost>; use a group defined in this virtual host \
+         or outside every virtual host."
+    )]
+    NotAccessible { directive: String, group: String },
+}
+
+/// Every daemon group of the configuration being read. Apache reads its configuration in one
+/// thread; the table is emptied at pre_config so each pass (start, restart) starts clean.
+static GROUPS: Mutex<Vec<DefinedGroup>> = Mutex::new(Vec::new());
+
+fn groups() -> std::sync::MutexGuard<'static, Vec<DefinedGroup>> {
+    // A poisoned lock only means a panic elsewhere was already reported; the data is plain.
+    GROUPS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn reset_groups() {
+    groups().clear();
+}
+
+pub fn define_group(group: DefinedGroup) -> Result<(), GroupTableError> {
+    let mut table = groups();
+    if table.iter().any(|g| g.spec.name == group.spec.name) {
+        return Err(GroupTableError::Duplicate(group.spec.name));
+    }
+    table.push(group);
+    Ok(())
+}
+
+/// The config-time check for a literal `process-group=` on a script alias.
+pub fn check_literal_group(
+    directive: &str,
+    group: &str,
+    from: ServerKey,
+) -> Result<(), GroupTableError> {
+    if group.contains("%{") {
+        return Ok(());
+    }
+    let table = groups();
+    match table.iter().find(|g| g.spec.name == group) {
+        None => Err(GroupTableError::NotYetConfigured {
+            directive: directive.to_string(),
+            group: group.to_string(),
+        }),
+        Some(g) if g.server.is_virtual && g.server != from => Err(GroupTableError::NotAccessible {
+            directive: directive.to_string(),
+            group: group.to_string(),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+pub fn defined_groups() -> Vec<DefinedGroup> {
+    groups().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn dir_merge_inner_wins_and_unset_inherits() {
+        let outer = DirConfig {
+            process_group: Some("outer".into()),
+            callable_object: Some("app".into()),
+            script_reloading: Some(false),
+            ..DirConfig::default()
+        };
+        let inner = DirConfig {
+            process_group: Some("inner".into()),
+            ..DirConfig::default()
+        };
+        let merged = DirConfig::merge(&outer, &inner);
+        assert_eq!(merged.process_group.as_deref(), Some("inner"));
+        assert_eq!(merged.callable_object(), "app");
+        assert!(!merged.script_reloading());
+        assert_eq!(DirConfig::default().callable_object(), "application");
+        assert!(DirConfig::default().script_reloading());
+    }
+
+    #[test]
+    fn server_merge_puts_vhost_aliases_first() {
+        let alias = |p: &str| ScriptAlias {
+            matcher: AliasMatch::Prefix(p.into()),
+            script: format!("/srv{p}.wsgi"),
+            options: ScriptAliasOptions::default(),
+        };
+        let outer = ServerConfig {
+            script_aliases: vec![alias("/main")],
+            socket_prefix: Some("run/wsgi".into()),
+            ..ServerConfig::default()
+        };
+        let inner = ServerConfig {
+            script_aliases: vec![alias("/vhost")],
+            ..ServerConfig::default()
+        };
+        let merged = ServerConfig::merge(&outer, &inner);
+        let order: Vec<_> = merged
+            .script_aliases
+            .iter()
+            .map(|a| a.script.as_str())
+            .collect();
+        assert_eq!(order, ["/srv/vhost.wsgi", "/srv/main.wsgi"]);
+        assert_eq!(merged.socket_prefix.as_deref(), Some("run/wsgi"));
+    }
+
+    #[test]
+    fn group_table_checks_duplicates_and_scope() {
+        // One test owns the global table to avoid races between parallel tests.
+        reset_groups();
+        let main = ServerKey {
+            id: 1,
+            is_virtual: false,
+        };
+        let vhost_a = ServerKey {
+            id: 2,
+            is_virtual: true,
+        };
+        let vhost_b = ServerKey {
+            id: 3,
+            is_virtual: true,
+        };
+        define_group(DefinedGroup {
+            spec: ProcessGroupSpec::new("global"),
+            server: main,
+        })
+        .unwrap();
+        define_group(DefinedGroup {
+            spec: ProcessGroupSpec::new("a:1"),
+            server: vhost_a,
+        })
+        .unwrap();
+        assert_eq!(
+            define_group(DefinedGroup {
+                spec: ProcessGroupSpec::new("a:1"),
+                server: vhost_b
+            }),
+            Err(GroupTableError::Duplicate("a:1".into()))
+        );
+        assert!(check_literal_group("WSGIScriptAlias", "global", vhost_b).is_ok());
+        assert!(check_literal_group("WSGIScriptAlias", "a:1", vhost_a).is_ok());
+        assert!(matches!(
+            check_literal_group("WSGIScriptAlias", "a:1", vhost_b),
+            Err(GroupTableError::NotAccessible { .. })
+        ));
+        assert!(matches!(
+            check_literal_group("WSGIScriptAlias", "nope", main),
+            Err(GroupTableError::NotYetConfigured { .. })
+        ));
+        assert!(check_literal_group("WSGIScriptAlias", "%{ENV:X}", main).is_ok());
+        let message = GroupTableError::Duplicate("a:1".into()).to_string();
+        assert!(message.contains("Name duplicates previous WSGI daemon definition."));
+        reset_groups();
+        assert!(defined_groups().is_empty());
+    }
+}

@@ -1,0 +1,291 @@
+//! One request's connection, daemon side: reads the environ, pulls the request body on demand
+//! (never past CONTENT_LENGTH, never more than asked), and writes the response frames.
+//! Plain blocking I/O; the Python layer calls it with the GIL released.
+
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::os::unix::net::UnixStream;
+
+use crate::wire::{self, Kind, WireError};
+
+/// How much body one pull asks the worker for, at least.
+const PULL_SIZE: usize = 64 * 1024;
+
+pub struct Connection {
+    stream: UnixStream,
+    frame: Vec<u8>,
+    input: Vec<u8>,
+    input_pos: usize,
+    body_done: bool,
+    /// CONTENT_LENGTH still unread; None when the request gave none (chunked).
+    body_left: Option<u64>,
+    headers_sent: bool,
+    /// Set by start_response, sent with the first body bytes (or at the end).
+    pending_headers: Option<Vec<u8>>,
+}
+
+impl Connection {
+    pub fn new(stream: UnixStream) -> Connection {
+        Connection {
+            stream,
+            frame: Vec::new(),
+            input: Vec::new(),
+            input_pos: 0,
+            body_done: false,
+            body_left: None,
+            headers_sent: false,
+            pending_headers: None,
+        }
+    }
+
+    /// Reads the Request frame; the returned payload holds the environ pairs.
+    pub fn read_request(&mut self) -> Result<Vec<u8>, WireError> {
+        let mut payload = Vec::new();
+        match wire::read_frame(&mut self.stream, &mut payload, 0)? {
+            Kind::Request => Ok(payload),
+            got => Err(WireError::Unexpected {
+                expected: "a Request frame",
+                got,
+            }),
+        }
+    }
+
+    /// Sets the body length from CONTENT_LENGTH (None for a chunked body).
+    pub fn set_content_length(&mut self, length: Option<u64>) {
+        self.body_left = length;
+        if length == Some(0) {
+            self.body_done = true;
+        }
+    }
+
+    pub fn headers_sent(&self) -> bool {
+        self.headers_sent
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.input[self.input_pos..]
+    }
+
+    fn consume(&mut self, n: usize) -> Vec<u8> {
+        let out = self.input[self.input_pos..self.input_pos + n].to_vec();
+        self.input_pos += n;
+        if self.input_pos == self.input.len() {
+            self.input.clear();
+            self.input_pos = 0;
+        }
+        out
+    }
+
+    /// Pulls more body into the buffer; false at the end of the body.
+    fn fill(&mut self, want: usize) -> Result<bool, WireError> {
+        if self.body_done {
+            return Ok(false);
+        }
+        let mut ask = want.clamp(PULL_SIZE, wire::MAX_CHUNK);
+        if let Some(left) = self.body_left {
+            ask = ask.min(usize::try_from(left).unwrap_or(usize::MAX));
+        }
+        wire::write_frame(
+            &mut self.stream,
+            Kind::ReadBody,
+            &wire::encode_u32(ask as u32),
+        )?;
+        match wire::read_frame(&mut self.stream, &mut self.frame, 0)? {
+            Kind::Body if !self.frame.is_empty() => {
+                let mut got = self.frame.len();
+                if let Some(left) = self.body_left.as_mut() {
+                    // Never hand the app bytes beyond CONTENT_LENGTH.
+                    got = got.min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= got as u64;
+                    if *left == 0 {
+                        self.body_done = true;
+                    }
+                }
+                if self.input_pos > 0 {
+                    self.input.drain(..self.input_pos);
+                    self.input_pos = 0;
+                }
+                self.input.extend_from_slice(&self.frame[..got]);
+                Ok(true)
+            }
+            Kind::Body | Kind::BodyEnd => {
+                self.body_done = true;
+                Ok(false)
+            }
+            got => Err(WireError::Unexpected {
+                expected: "a Body frame",
+                got,
+            }),
+        }
+    }
+
+    /// `wsgi.input.read(size)`: up to `size` bytes (all that is left for None), fewer only
+    /// at the end of the body.
+    pub fn read(&mut self, size: Option<usize>) -> Result<Vec<u8>, WireError> {
+        let limit = size.unwrap_or(usize::MAX);
+        while self.buffered().len() < limit {
+            let want = limit.saturating_sub(self.buffered().len());
+            if !self.fill(want)? {
+                break;
+            }
+        }
+        let n = self.buffered().len().min(limit);
+        Ok(self.consume(n))
+    }
+
+    /// `wsgi.input.readline(size)`: through the next b"\n", or `size` bytes, or the end.
+    pub fn readline(&mut self, size: Option<usize>) -> Result<Vec<u8>, WireError> {
+        let limit = size.unwrap_or(usize::MAX);
+        let mut searched = 0;
+        loop {
+            let buffered = self.buffered();
+            if let Some(pos) = buffered[searched..].iter().position(|&b| b == b'\n') {
+                let n = (searched + pos + 1).min(limit);
+                return Ok(self.consume(n));
+            }
+            searched = buffered.len();
+            if searched >= limit {
+                return Ok(self.consume(limit));
+            }
+            if !self.fill(PULL_SIZE)? {
+                let n = self.buffered().len().min(limit);
+                return Ok(self.consume(n));
+            }
+        }
+    }
+
+    /// Records the response status and headers (an encoded Headers payload).
+    pub fn set_pending_headers(&mut self, payload: Vec<u8>) {
+        self.pending_headers = Some(payload);
+    }
+
+    pub fn has_pending_headers(&self) -> bool {
+        self.pending_headers.is_some()
+    }
+
+    /// Sends the recorded headers if not sent yet; false if start_response was never called.
+    pub fn flush_headers(&mut self) -> io::Result<bool> {
+        if self.headers_sent {
+            return Ok(true);
+        }
+        let Some(payload) = self.pending_headers.take() else {
+            return Ok(false);
+        };
+        self.headers_sent = true;
+        wire::write_frame(&mut self.stream, Kind::Headers, &payload)?;
+        Ok(true)
+    }
+
+    pub fn send_data(&mut self, data: &[u8]) -> io::Result<()> {
+        for chunk in data.chunks(wire::MAX_CHUNK) {
+            wire::write_frame(&mut self.stream, Kind::Data, chunk)?;
+        }
+        Ok(())
+    }
+
+    pub fn send_end(&mut self) -> io::Result<()> {
+        wire::write_frame(&mut self.stream, Kind::End, b"")
+    }
+
+    /// Asks the worker to answer with `status` itself (only before headers were sent).
+    pub fn send_fail(&mut self, status: u16) -> io::Result<()> {
+        wire::write_frame(&mut self.stream, Kind::Fail, &status.to_le_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+
+    /// A worker that answers body pulls from `body`, in pieces of at most `piece` bytes.
+    fn fake_worker(
+        mut stream: UnixStream,
+        body: Vec<u8>,
+        piece: usize,
+    ) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut frame = Vec::new();
+            let mut sent = 0;
+            let mut pulls = 0;
+            while let Ok(kind) = wire::read_frame(&mut stream, &mut frame, 1 << 20) {
+                assert_eq!(kind, Kind::ReadBody);
+                pulls += 1;
+                let ask = wire::decode_u32(Kind::ReadBody, &frame).unwrap() as usize;
+                let n = ask.min(piece).min(body.len() - sent);
+                if n == 0 {
+                    wire::write_frame(&mut stream, Kind::BodyEnd, b"").unwrap();
+                } else {
+                    wire::write_frame(&mut stream, Kind::Body, &body[sent..sent + n]).unwrap();
+                    sent += n;
+                }
+                stream.flush().unwrap();
+            }
+            pulls
+        })
+    }
+
+    #[test]
+    fn read_all_lines_and_sizes() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let body = b"line one\nline two\nrest".to_vec();
+        let worker = fake_worker(b, body.clone(), 5);
+        let mut conn = Connection::new(a);
+        conn.set_content_length(Some(body.len() as u64));
+        assert_eq!(conn.readline(None).unwrap(), b"line one\n");
+        assert_eq!(conn.readline(Some(4)).unwrap(), b"line");
+        assert_eq!(conn.readline(None).unwrap(), b" two\n");
+        assert_eq!(conn.read(Some(2)).unwrap(), b"re");
+        assert_eq!(conn.read(None).unwrap(), b"st");
+        assert_eq!(conn.read(None).unwrap(), b"");
+        assert_eq!(conn.readline(None).unwrap(), b"");
+        drop(conn);
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn never_reads_past_content_length() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let worker = fake_worker(b, b"0123456789extra".to_vec(), 64);
+        let mut conn = Connection::new(a);
+        conn.set_content_length(Some(10));
+        assert_eq!(conn.read(None).unwrap(), b"0123456789");
+        assert_eq!(conn.read(Some(5)).unwrap(), b"");
+        drop(conn);
+        // One pull for the ten bytes; none after the length is exhausted.
+        assert_eq!(worker.join().unwrap(), 1);
+    }
+
+    #[test]
+    fn zero_length_body_pulls_nothing() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let worker = fake_worker(b, Vec::new(), 64);
+        let mut conn = Connection::new(a);
+        conn.set_content_length(Some(0));
+        assert_eq!(conn.read(None).unwrap(), b"");
+        drop(conn);
+        assert_eq!(worker.join().unwrap(), 0);
+    }
+
+    #[test]
+    fn chunked_body_reads_until_body_end() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let worker = fake_worker(b, body.clone(), 70_000);
+        let mut conn = Connection::new(a);
+        conn.set_content_length(None);
+        let mut got = Vec::new();
+        loop {
+            let chunk = conn.read(Some(65536)).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, body);
+        drop(conn);
+        worker.join().unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+//! The Apache parent's side of daemon groups: create each group's socket and fork its
+//! processes at the real post_config pass, replace the ones that die (with a back-off for crash
+//! loops), and stop them all when Apache stops or restarts. Runs only in Apache's parent, whose
+//! main loop is single-threaded; the httpd layer calls in from hooks and child callbacks.
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::listener;
+use super::spawn::{fork_daemon, Forked};
+use super::worker::{self, DaemonContext};
+use super::{DaemonError, Registry};
+use crate::logging::Level;
+use crate::wsgi_log;
+
+/// What the httpd layer does for us: watch a pid for the MPM's child reaping, and close
+/// Apache's own listeners in a freshly forked daemon.
+#[derive(Clone, Copy)]
+pub struct ParentHooks {
+    pub watch: fn(pid: i32, slot: usize),
+    pub in_child: fn(),
+}
+
+struct Slot {
+    group: usize,
+    pid: Option<i32>,
+    started: Instant,
+    backoff: Duration,
+}
+
+struct Supervisor {
+    registry: Arc<Registry>,
+    listeners: Vec<OwnedFd>,
+    slots: Vec<Slot>,
+    hooks: ParentHooks,
+    parent_pid: u32,
+    /// Set once Apache begins a restart or stop: a daemon dying now is not replaced.
+    stopping: bool,
+}
+
+static SUPERVISOR: Mutex<Option<Supervisor>> = Mutex::new(None);
+
+fn state() -> MutexGuard<'static, Option<Supervisor>> {
+    SUPERVISOR.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A process that lived shorter than this is counted as a crash loop and restarted later.
+const QUICK_DEATH: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Exit code of a daemon whose setup failed (bad user, home, Python): restart slowly.
+pub const EXIT_SETUP_FAILED: i32 = 78;
+
+/// Creates every group's socket and forks every process. `socket_owner` is Apache's worker
+/// uid/gid when Apache runs as root.
+pub fn start(
+    registry: Arc<Registry>,
+    hooks: ParentHooks,
+    socket_owner: Option<(u32, u32)>,
+) -> Result<(), DaemonError> {
+    let mut listeners = Vec::with_capacity(registry.groups.len());
+    for group in &registry.groups {
+        let path = &group.socket_path;
+        let path_text = path.display().to_string();
+        let owner = match (&group.spec.socket_user, socket_owner) {
+            (Some(account), Some(_)) => Some((account.uid, account.gid)),
+            (_, owner) => owner,
+        };
+        let fd = listener::create(path, group.spec.listen_backlog, owner).map_err(|e| {
+            DaemonError::Socket {
+                group: group.spec.name.clone(),
+                path: path_text.clone(),
+                cause: e.to_string(),
+            }
+        })?;
+        listeners.push(fd);
+    }
+    let mut slots = Vec::new();
+    for (index, group) in registry.groups.iter().enumerate() {
+        for _ in 0..group.spec.processes.max(1) {
+            slots.push(Slot {
+                group: index,
+                pid: None,
+                started: Instant::now(),
+                backoff: Duration::ZERO,
+            });
+        }
+    }
+    let mut guard = state();
+    *guard = Some(Supervisor {
+        registry,
+        listeners,
+        slots,
+        hooks,
+        parent_pid: std::process::id(),
+        stopping: false,
+    });
+    let Some(supervisor) = guard.as_mut() else {
+        return Ok(());
+    };
+    for slot in 0..supervisor.slots.len() {
+        supervisor.spawn(slot)?;
+    }
+    Ok(())
+}
+
+impl Supervisor {
+    fn spawn(&mut self, slot: usize) -> Result<(), DaemonError> {
+        let group_index = self.slots[slot].group;
+        let group = self.registry.groups[group_index].clone();
+        let listen_fd = self.listeners[group_index].as_raw_fd();
+        let other_fds: Vec<_> = self
+            .listeners
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != group_index)
+            .map(|(_, fd)| fd.as_raw_fd())
+            .collect();
+        let delay = self.slots[slot].backoff;
+        let in_child = self.hooks.in_child;
+        let forked = fork_daemon(move || {
+            in_child();
+            // A daemon must never accept another group's requests.
+            for fd in other_fds {
+                listener::close_inherited(fd);
+            }
+            worker::run(DaemonContext {
+                group,
+                listen_fd,
+                start_delay: delay,
+            })
+        })
+        .map_err(|e| DaemonError::Fork {
+            group: self.registry.groups[group_index].spec.name.clone(),
+            cause: e.to_string(),
+        })?;
+        let Forked::Parent { pid } = forked;
+        self.slots[slot].pid = Some(pid);
+        self.slots[slot].started = Instant::now();
+        (self.hooks.watch)(pid, slot);
+        Ok(())
+    }
+}
+
+/// Describes a wait status for the log ("signal 9 (SIGKILL)", "exit code 3").
+pub fn describe_status(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exit code {code}"),
+        WaitStatus::Signaled(_, signal, core) => format!(
+            "signal {} ({signal}){}",
+            signal as i32,
+            if core { ", core dumped" } else { "" }
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The MPM reaped one of our daemons (`raw_status` as from waitpid, or None if it was lost).
+pub fn child_died(slot: usize, raw_status: Option<i32>) {
+    let mut guard = state();
+    let Some(supervisor) = guard.as_mut() else {
+        return;
+    };
+    if supervisor.parent_pid != std::process::id() || slot >= supervisor.slots.len() {
+        return;
+    }
+    let group_index = supervisor.slots[slot].group;
+    let name = supervisor.registry.groups[group_index].spec.name.clone();
+    let pid = supervisor.slots[slot].pid.take().unwrap_or(0);
+    let status = raw_status.and_then(|raw| WaitStatus::from_raw(Pid::from_raw(pid), raw).ok());
+    let how = status.map_or_else(|| "status unknown".to_string(), describe_status);
+    if supervisor.stopping {
+        wsgi_log!(
+            Level::Info,
+            "WSGIRS0420: Process '{name}' (pid {pid}) has exited while Apache is stopping ({how})."
+        );
+        return;
+    }
+    let lived = supervisor.slots[slot].started.elapsed();
+    let setup_failed = matches!(status, Some(WaitStatus::Exited(_, EXIT_SETUP_FAILED)));
+    let backoff = &mut supervisor.slots[slot].backoff;
+    *backoff = if lived < QUICK_DEATH || setup_failed {
+        (*backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF)
+    } else {
+        Duration::ZERO
+    };
+    let delay = *backoff;
+    wsgi_log!(
+        Level::Error,
+        "WSGIRS0421: Process '{name}' has died, deregister and restart it. \
+         Pid {pid} ended with {how} after {:.1}s{}.",
+        lived.as_secs_f64(),
+        if delay.is_zero() {
+            String::new()
+        } else {
+            format!(
+                "; the replacement waits {}s before starting",
+                delay.as_secs()
+            )
+        }
+    );
+    if let Err(err) = supervisor.spawn(slot) {
+        wsgi_log!(Level::Alert, "{err}");
+    }
+}
+
+/// Apache announced a restart or stop: daemons that die from now on stay dead.
+pub fn apache_stopping() {
+    if let Some(supervisor) = state().as_mut() {
+        supervisor.stopping = true;
+    }
+}
+
+/// Stops every daemon of this generation: SIGTERM, up to shutdown-timeout to finish, then
+/// SIGKILL; reaps them and removes the sockets. Runs when Apache's configuration pool is
+/// cleared (restart, graceful, stop); does nothing in any process but the parent.
+pub fn stop_all() {
+    let Some(mut supervisor) = state().take() else {
+        return;
+    };
+    if supervisor.parent_pid != std::process::id() {
+        // An inherited copy in a worker or daemon: put it back untouched.
+        *state() = Some(supervisor);
+        return;
+    }
+    supervisor.stopping = true;
+    let mut running: Vec<(Pid, Duration)> = Vec::new();
+    for slot in &supervisor.slots {
+        if let Some(pid) = slot.pid {
+            let pid = Pid::from_raw(pid);
+            if kill(pid, Signal::SIGTERM).is_ok() {
+                let timeout = supervisor.registry.groups[slot.group].spec.shutdown_timeout;
+                running.push((pid, timeout));
+            }
+        }
+    }
+    let started = Instant::now();
+    while !running.is_empty() {
+        running.retain(|&(pid, timeout)| {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {
+                    if started.elapsed() < timeout {
+                        return true;
+                    }
+                    wsgi_log!(
+                        Level::Warn,
+                        "WSGIRS0422: Daemon process {pid} did not stop within shutdown-timeout \
+                         ({}s); killing it.",
+                        timeout.as_secs()
+                    );
+                    let _ = kill(pid, Signal::SIGKILL);
+                    let _ = waitpid(pid, None);
+                    false
+                }
+                // Exited, or already reaped by the MPM (ECHILD).
+                _ => false,
+            }
+        });
+        if !running.is_empty() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    for group in &supervisor.registry.groups {
+        listener::remove(&group.socket_path);
+    }
+}
+
+/// In an Apache worker process: close every group's listening socket so a worker can never
+/// accept a request meant for a daemon.
+pub fn close_listeners_in_worker() {
+    if let Some(supervisor) = state().take() {
+        drop(supervisor.listeners);
+    }
+}
+
+/// The pid of every running daemon, for diagnostics and tests.
+pub fn daemon_pids() -> Vec<i32> {
+    state()
+        .as_ref()
+        .map(|s| s.slots.iter().filter_map(|slot| slot.pid).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,249 @@
+//! The daemon process: after the fork it blocks Apache's signals, waits out any restart
+//! back-off, drops root (checked), moves to its home, starts Python, and serves the group's
+//! socket with `threads` threads until it is told to stop. Each thread accepts without the
+//! GIL and attaches to Python only to run the application.
+
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::socket::{accept4, SockFlag};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{self, chdir};
+
+use super::listener;
+use super::privileges::{self, System};
+use super::supervisor::EXIT_SETUP_FAILED;
+use super::GroupRuntime;
+use crate::logging::Level;
+use crate::python;
+use crate::wsgi_log;
+
+pub struct DaemonContext {
+    pub group: GroupRuntime,
+    pub listen_fd: RawFd,
+    /// Back-off before starting, after a crash loop.
+    pub start_delay: Duration,
+}
+
+/// The signals Apache uses to stop and restart; a daemon treats each as "stop gracefully".
+fn stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGWINCH,
+    ] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Runs the daemon; the return value is the process exit code.
+pub fn run(ctx: DaemonContext) -> i32 {
+    let name = ctx.group.spec.name.clone();
+    // Block before any thread exists so every thread inherits the mask; SIGPIPE is blocked
+    // too, so writes to a vanished peer fail with EPIPE instead of killing the process.
+    let mut blocked = stop_signals();
+    blocked.add(Signal::SIGPIPE);
+    if let Err(err) = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None) {
+        wsgi_log!(
+            Level::Alert,
+            "WSGIRS0430: Daemon process '{name}' cannot block signals: {err}"
+        );
+        return EXIT_SETUP_FAILED;
+    }
+    let stop = match StopSignal::new() {
+        Ok(stop) => Arc::new(stop),
+        Err(err) => {
+            wsgi_log!(
+                Level::Alert,
+                "WSGIRS0431: Daemon process '{name}' cannot create its stop pipe: {err}"
+            );
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("wsgi-signals".into())
+            .spawn(move || {
+                if stop_signals().wait().is_ok() {
+                    stop.trigger();
+                }
+            })
+            .ok();
+    }
+
+    if !ctx.start_delay.is_zero() && stop.sleep(ctx.start_delay) {
+        return 0;
+    }
+    if let Err(message) = become_daemon_user(&ctx.group) {
+        wsgi_log!(Level::Alert, "{message}");
+        return EXIT_SETUP_FAILED;
+    }
+    if let Err(err) = python::initialize(&ctx.group) {
+        wsgi_log!(
+            Level::Alert,
+            "WSGIRS0432: Daemon process '{name}' could not start Python: {err}"
+        );
+        return EXIT_SETUP_FAILED;
+    }
+    wsgi_log!(
+        Level::Info,
+        "WSGIRS0433: Starting process '{name}' with uid={}, gid={} and threads={}.",
+        unistd::getuid(),
+        unistd::getgid(),
+        ctx.group.spec.threads.max(1)
+    );
+
+    let listen_fd = ctx.listen_fd;
+    let group = Arc::new(ctx.group);
+    let mut threads = Vec::new();
+    for index in 0..group.spec.threads.max(1) {
+        let stop = Arc::clone(&stop);
+        let group = Arc::clone(&group);
+        let spawned = std::thread::Builder::new()
+            .name(format!("wsgi-{index}"))
+            .spawn(move || accept_loop(listen_fd, &stop, &group));
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(err) => {
+                wsgi_log!(
+                    Level::Alert,
+                    "WSGIRS0434: Daemon process '{name}' cannot start thread {index}: {err}"
+                );
+                return EXIT_SETUP_FAILED;
+            }
+        }
+    }
+    stop.wait();
+    let deadline = Instant::now() + group.spec.shutdown_timeout;
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    wsgi_log!(Level::Info, "WSGIRS0435: Process '{name}' stopped.");
+    0
+}
+
+/// Drops root (when we have it), moves to the home directory and applies the umask.
+fn become_daemon_user(group: &GroupRuntime) -> Result<(), String> {
+    let name = &group.spec.name;
+    if unistd::geteuid().is_root() {
+        if group.identity.uid == 0 {
+            return Err(format!(
+                "WSGIRS0436: Daemon process '{name}': WSGI process blocked from running as root."
+            ));
+        }
+        privileges::drop_to(&mut System, &group.identity)
+            .map_err(|err| format!("WSGIRS0437: Daemon process '{name}': {err}"))?;
+    }
+    chdir(&group.home).map_err(|err| {
+        format!(
+            "WSGIRS0438: Daemon process '{name}' cannot change to home directory '{}' as uid {}: {err}",
+            group.home.display(),
+            unistd::getuid()
+        )
+    })?;
+    if let Some(mask) = group.spec.umask {
+        umask(Mode::from_bits_truncate(mask as libc::mode_t));
+    }
+    Ok(())
+}
+
+fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime) {
+    let listener = listener::borrow_inherited(listen_fd);
+    loop {
+        let mut fds = [
+            PollFd::new(listener, PollFlags::POLLIN),
+            PollFd::new(stop.read_end(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(err) => {
+                wsgi_log!(
+                    Level::Error,
+                    "WSGIRS0439: poll on daemon socket failed: {err}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        if stop.is_set() {
+            return;
+        }
+        match accept4(listen_fd, SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => {
+                let stream = UnixStream::from(listener::own_accepted(fd));
+                python::serve_connection(stream, group);
+            }
+            // Another process or thread took the connection first.
+            Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => {}
+            Err(err) => {
+                wsgi_log!(
+                    Level::Error,
+                    "WSGIRS0440: accept on daemon socket failed: {err}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// "Stop now", set by the signal thread and seen by every accept thread through a pipe that
+/// stays readable once written (level-triggered poll wakes them all).
+pub struct StopSignal {
+    flag: AtomicBool,
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl StopSignal {
+    fn new() -> nix::Result<StopSignal> {
+        let (read, write) = unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(StopSignal {
+            flag: AtomicBool::new(false),
+            read,
+            write,
+        })
+    }
+
+    fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = unistd::write(&self.write, b"x");
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn read_end(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// Blocks until triggered.
+    fn wait(&self) {
+        while !self.is_set() {
+            let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::NONE);
+        }
+    }
+
+    /// Sleeps up to `duration`; true if stopped meanwhile.
+    fn sleep(&self, duration: Duration) -> bool {
+        let millis = u16::try_from(duration.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(millis));
+        self.is_set()
+    }
+}

@@ -1,0 +1,40 @@
+//! The generated httpd/APR bindings, and Rust copies of the few C macros we need.
+
+#[allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code,
+    unused_imports,
+    improper_ctypes,
+    unsafe_op_in_unsafe_fn,
+    rust_2018_idioms,
+    clippy::all,
+    clippy::undocumented_unsafe_blocks
+)]
+mod bindings {
+    include!(concat!(env!("OUT_DIR"), "/httpd_bindings.rs"));
+}
+
+pub use bindings::*;
+
+/// `ap_get_module_loglevel(l, i)`: the per-module level if one is set, else the server's.
+///
+/// # Safety
+/// `log` must point to a live `ap_logconf` whose `module_levels` (if non-null) has an entry for
+/// every loaded module index.
+pub unsafe fn module_loglevel(log: *const ap_logconf, index: i32) -> i32 {
+    // SAFETY: the caller guarantees `log` is live; module_levels has one slot per module.
+    unsafe {
+        let levels = (*log).module_levels;
+        if index < 0 || levels.is_null() {
+            return (*log).level;
+        }
+        let level = *levels.offset(index as isize);
+        if level < 0 {
+            (*log).level
+        } else {
+            i32::from(level)
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! mod_wsgi_rs: an Apache httpd 2.4 module that runs Python WSGI applications in daemon
+//! process groups, each a pool of processes running as its own Unix user.
+//!
+//! Layout (see ARCHITECTURE.md): `config` parses directives, `route` picks a group,
+//! `wire` frames worker↔daemon traffic, `proxy` is the Apache-worker side, `daemon` the
+//! supervised daemon processes, `python` the embedded CPython. Only `httpd` touches C types.
+
+pub mod config;
+pub mod daemon;
+
+// pub mod httpd;
+pub mod logging;
+// pub mod proxy;
+pub mod python;
+pub mod wire;

@@ -1,0 +1,407 @@
+//! Loading WSGI scripts and running one request through the application: environ,
+//! start_response, the write() callable, iterating the result, close().
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::hash::{Hash, Hasher};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyModule, PyTuple};
+
+use super::environ::{self, DaemonFacts};
+use super::errors::{log_exception, LogStream};
+use super::input::{Input, SharedConnection};
+use crate::daemon::connection::Connection;
+use crate::daemon::GroupRuntime;
+use crate::logging::Level;
+use crate::wire::{self, Kind};
+use crate::wsgi_log;
+
+static FACTS: OnceLock<DaemonFacts> = OnceLock::new();
+
+/// Loaded scripts by path. Each script is its own module in the one interpreter.
+static SCRIPTS: Mutex<Option<HashMap<String, Py<PyModule>>>> = Mutex::new(None);
+
+pub fn set_group(group: &GroupRuntime) {
+    let _ = FACTS.set(DaemonFacts {
+        multithread: group.spec.threads != 1,
+        multiprocess: group.spec.multiprocess,
+    });
+}
+
+/// The request metadata the worker put in the environ for us.
+struct RequestInfo {
+    script: String,
+    callable: String,
+    content_length: Option<u64>,
+}
+
+fn request_info(pairs: &[(&[u8], &[u8])]) -> RequestInfo {
+    let mut info = RequestInfo {
+        script: String::new(),
+        callable: "application".to_string(),
+        content_length: None,
+    };
+    for (key, value) in pairs {
+        match *key {
+            b"SCRIPT_FILENAME" => info.script = String::from_utf8_lossy(value).into_owned(),
+            b"mod_wsgi.callable_object" => {
+                info.callable = String::from_utf8_lossy(value).into_owned()
+            }
+            b"CONTENT_LENGTH" => {
+                info.content_length = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+            }
+            _ => {}
+        }
+    }
+    info
+}
+
+fn module_name(script: &str) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    script.hash(&mut hasher);
+    format!("_mod_wsgi_rs_{:016x}", hasher.finish())
+}
+
+#[derive(Debug)]
+enum LoadError {
+    Read(String),
+    Exec(PyErr),
+    NoCallable,
+}
+
+fn load_script<'py>(py: Python<'py>, script: &str) -> Result<Bound<'py, PyModule>, LoadError> {
+    {
+        let cache = SCRIPTS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(module) = cache.as_ref().and_then(|c| c.get(script)) {
+            return Ok(module.bind(py).clone());
+        }
+    }
+    // Read and run the script without holding the cache lock: its import may release the GIL.
+    let source = std::fs::read(script).map_err(|e| LoadError::Read(e.to_string()))?;
+    let code =
+        CString::new(source).map_err(|_| LoadError::Read("the file contains a NUL byte".into()))?;
+    let file = CString::new(script).map_err(|_| LoadError::Read("bad path".into()))?;
+    let name = CString::new(module_name(script)).map_err(|_| LoadError::Read("bad path".into()))?;
+    let module = PyModule::from_code(py, &code, &file, &name).map_err(LoadError::Exec)?;
+    let mut cache = SCRIPTS.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .get_or_insert_with(HashMap::new)
+        .insert(script.to_string(), module.clone().unbind());
+    Ok(module)
+}
+
+fn load_app<'py>(py: Python<'py>, info: &RequestInfo) -> Result<Bound<'py, PyAny>, LoadError> {
+    let module = load_script(py, &info.script)?;
+    module
+        .getattr(info.callable.as_str())
+        .map_err(|_| LoadError::NoCallable)
+}
+
+/// Runs one request; every failure is logged here and turned into a Fail frame or a dropped
+/// connection, so nothing escapes to the accept loop.
+pub fn serve(stream: UnixStream, group: &GroupRuntime) {
+    let name = group.spec.name.as_str();
+    let mut conn = Connection::new(stream);
+    let payload = match conn.read_request() {
+        Ok(payload) => payload,
+        Err(err) => {
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0501: [{name}] Could not read the request from the Apache worker: {err}"
+            );
+            return;
+        }
+    };
+    let pairs: Vec<(&[u8], &[u8])> = match wire::pairs(Kind::Request, &payload).collect() {
+        Ok(pairs) => pairs,
+        Err(err) => {
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0502: [{name}] Malformed request from the Apache worker: {err}"
+            );
+            return;
+        }
+    };
+    let info = request_info(&pairs);
+    conn.set_content_length(info.content_length);
+    let conn: SharedConnection = Arc::new(Mutex::new(conn));
+    Python::attach(|py| run(py, &conn, &pairs, &info, name));
+}
+
+fn send_fail(py: Python<'_>, conn: &SharedConnection, status: u16) {
+    let conn = Arc::clone(conn);
+    let _ = py.detach(move || {
+        conn.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_fail(status)
+    });
+}
+
+fn run(
+    py: Python<'_>,
+    conn: &SharedConnection,
+    pairs: &[(&[u8], &[u8])],
+    info: &RequestInfo,
+    group: &str,
+) {
+    let app = match load_app(py, info) {
+        Ok(app) => app,
+        Err(LoadError::NoCallable) => {
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0503: [{group}] Target WSGI script '{}' does not contain WSGI application '{}'.",
+                info.script,
+                info.callable
+            );
+            return send_fail(py, conn, 500);
+        }
+        Err(LoadError::Read(cause)) => {
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0504: [{group}] Failed to read WSGI script '{}' as uid {}: {cause}",
+                info.script,
+                nix::unistd::getuid()
+            );
+            return send_fail(py, conn, 500);
+        }
+        Err(LoadError::Exec(err)) => {
+            log_exception(
+                py,
+                group,
+                &format!(
+                    "WSGIRS0505: Failed to exec Python script file '{}'.",
+                    info.script
+                ),
+                &err,
+            );
+            return send_fail(py, conn, 500);
+        }
+    };
+    let outcome = call_app(py, conn, pairs, &app, group);
+    if let Err(err) = outcome {
+        log_exception(
+            py,
+            group,
+            &format!(
+                "WSGIRS0506: Exception occurred processing WSGI script '{}'.",
+                info.script
+            ),
+            &err,
+        );
+        let sent = conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .headers_sent();
+        if !sent {
+            send_fail(py, conn, 500);
+        }
+        // After headers, dropping the connection without End tells the worker to cut the
+        // client's response short rather than make it look complete.
+    }
+}
+
+fn call_app(
+    py: Python<'_>,
+    conn: &SharedConnection,
+    pairs: &[(&[u8], &[u8])],
+    app: &Bound<'_, PyAny>,
+    group: &str,
+) -> PyResult<()> {
+    let facts = FACTS.get().cloned().unwrap_or(DaemonFacts {
+        multithread: true,
+        multiprocess: false,
+    });
+    let input = Bound::new(py, Input::new(Arc::clone(conn)))?.into_any();
+    let errors = Bound::new(py, LogStream::new(group, "wsgi.errors", Level::Error))?.into_any();
+    let environ = environ::build(py, pairs, &facts, input, errors)?;
+    let start_response = Bound::new(
+        py,
+        StartResponse {
+            conn: Arc::clone(conn),
+        },
+    )?;
+    let result = app.call1((environ, start_response))?;
+    let iterated = send_iterable(py, conn, &result);
+    // PEP 3333: close() is called whatever happened while iterating.
+    let closed = match result.getattr_opt("close") {
+        Ok(Some(close)) => close.call0().map(|_| ()),
+        Ok(None) => Ok(()),
+        Err(err) => Err(err),
+    };
+    iterated?;
+    closed?;
+    let conn = Arc::clone(conn);
+    py.detach(move || {
+        let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.flush_headers()? {
+            return Err(std::io::Error::other(
+                "the application returned without calling start_response()",
+            ));
+        }
+        c.send_end()
+    })
+    .map_err(io_to_py)
+}
+
+fn io_to_py(err: std::io::Error) -> PyErr {
+    if err.kind() == std::io::ErrorKind::Other {
+        PyRuntimeError::new_err(err.to_string())
+    } else {
+        pyo3::exceptions::PyOSError::new_err(format!("response could not be sent to Apache: {err}"))
+    }
+}
+
+fn send_iterable(
+    py: Python<'_>,
+    conn: &SharedConnection,
+    result: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    for item in result.try_iter()? {
+        let item = item?;
+        let bytes = item.cast::<PyBytes>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "sequence of byte string values expected, value of type {} found",
+                item.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        send_bytes(py, conn, bytes.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8]) -> PyResult<()> {
+    let conn = Arc::clone(conn);
+    py.detach(move || {
+        let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.flush_headers()? {
+            return Err(std::io::Error::other(
+                "response body was produced before start_response() was called",
+            ));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        c.send_data(data)
+    })
+    .map_err(io_to_py)
+}
+
+/// Checks a status line or header text: latin-1 only, no control characters that could split
+/// the response.
+fn latin1_field(what: &str, text: &str) -> PyResult<Vec<u8>> {
+    text.chars()
+        .map(|c| match u8::try_from(u32::from(c)) {
+            Ok(b'\r' | b'\n' | 0) => Err(PyValueError::new_err(format!(
+                "{what} contains a control character (CR, LF or NUL): {text:?}"
+            ))),
+            Ok(byte) => Ok(byte),
+            Err(_) => Err(PyValueError::new_err(format!(
+                "{what} is not latin-1 encodable: {text:?}"
+            ))),
+        })
+        .collect()
+}
+
+#[pyclass(module = "mod_wsgi")]
+struct StartResponse {
+    conn: SharedConnection,
+}
+
+#[pymethods]
+impl StartResponse {
+    #[pyo3(signature = (status, headers, exc_info=None))]
+    fn __call__(
+        &self,
+        py: Python<'_>,
+        status: &Bound<'_, PyAny>,
+        headers: &Bound<'_, PyAny>,
+        exc_info: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Write>> {
+        let exc_info = exc_info.filter(|e| !e.is_none());
+        {
+            let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(exc_info) = exc_info {
+                if c.headers_sent() {
+                    // PEP 3333: too late to change the response; re-raise the original error.
+                    let tuple = exc_info.cast::<PyTuple>()?;
+                    return Err(PyErr::from_value(tuple.get_item(1)?));
+                }
+            } else if c.has_pending_headers() || c.headers_sent() {
+                return Err(PyRuntimeError::new_err("headers have already been set"));
+            }
+        }
+        let status: String = status
+            .extract()
+            .map_err(|_| PyTypeError::new_err("expected str object for status"))?;
+        let status_bytes = latin1_field("status line", &status)?;
+        let valid_status = status_bytes.len() >= 3
+            && status_bytes[..3].iter().all(u8::is_ascii_digit)
+            && (status_bytes.len() == 3 || status_bytes[3] == b' ');
+        if !valid_status {
+            return Err(PyValueError::new_err(format!(
+                "invalid status line: {status:?}"
+            )));
+        }
+        let mut encoded: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for item in headers.try_iter()? {
+            let item = item?;
+            let (name, value): (String, String) = item.extract().map_err(|_| {
+                PyTypeError::new_err("expected a list of (str, str) tuples for headers")
+            })?;
+            let name_bytes = latin1_field("header name", &name)?;
+            if name_bytes.is_empty()
+                || name_bytes
+                    .iter()
+                    .any(|b| b.is_ascii_whitespace() || *b == b':')
+            {
+                return Err(PyValueError::new_err(format!(
+                    "invalid header name: {name:?}"
+                )));
+            }
+            encoded.push((name_bytes, latin1_field("header value", &value)?));
+        }
+        let mut payload = Vec::new();
+        wire::encode_headers(
+            &mut payload,
+            &status_bytes,
+            encoded.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
+        );
+        self.conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_pending_headers(payload);
+        Py::new(
+            py,
+            Write {
+                conn: Arc::clone(&self.conn),
+            },
+        )
+    }
+}
+
+/// The legacy `write()` callable returned by start_response.
+#[pyclass(module = "mod_wsgi")]
+struct Write {
+    conn: SharedConnection,
+}
+
+#[pymethods]
+impl Write {
+    fn __call__(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = data
+            .cast::<PyBytes>()
+            .map_err(|_| PyTypeError::new_err("write() expects a byte string"))?;
+        send_bytes(py, &self.conn, bytes.as_bytes())
+    }
+}

@@ -1,0 +1,89 @@
+//! `wsgi.input`: a streaming, read-only file over the request body. Every read releases the
+//! GIL while it waits for the Apache worker.
+
+#![forbid(unsafe_code)]
+
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+use crate::daemon::connection::Connection;
+use crate::wire::WireError;
+
+pub type SharedConnection = Arc<Mutex<Connection>>;
+
+#[pyclass(module = "mod_wsgi")]
+pub struct Input {
+    conn: SharedConnection,
+}
+
+impl Input {
+    pub fn new(conn: SharedConnection) -> Input {
+        Input { conn }
+    }
+
+    fn with_conn<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Connection) -> Result<T, WireError> + Send,
+    ) -> PyResult<T> {
+        let conn = Arc::clone(&self.conn);
+        py.detach(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .map_err(|err| PyOSError::new_err(format!("request body could not be read: {err}")))
+    }
+}
+
+/// Python's size convention: None or a negative number means "no limit".
+fn limit(size: Option<isize>) -> Option<usize> {
+    size.and_then(|n| usize::try_from(n).ok())
+}
+
+#[pymethods]
+impl Input {
+    #[pyo3(signature = (size=None))]
+    fn read<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.with_conn(py, |c| c.read(limit(size)))?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    #[pyo3(signature = (size=None))]
+    fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.with_conn(py, |c| c.readline(limit(size)))?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    #[pyo3(signature = (hint=None))]
+    fn readlines<'py>(&self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
+        let lines = PyList::empty(py);
+        let hint = limit(hint).filter(|&h| h > 0);
+        let mut total = 0;
+        loop {
+            let line = self.with_conn(py, |c| c.readline(None))?;
+            if line.is_empty() {
+                break;
+            }
+            total += line.len();
+            lines.append(PyBytes::new(py, &line))?;
+            if hint.is_some_and(|h| total >= h) {
+                break;
+            }
+        }
+        Ok(lines)
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let line = self.with_conn(py, |c| c.readline(None))?;
+        Ok((!line.is_empty()).then(|| PyBytes::new(py, &line)))
+    }
+
+    fn close(&self) {}
+}

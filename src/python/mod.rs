@@ -1,0 +1,53 @@
+//! CPython, daemon side only: started after the daemon dropped root, never in Apache's
+//! parent or workers. `serve_connection` runs one request through the WSGI application.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod environ;
+pub mod errors;
+pub mod input;
+
+use std::os::unix::net::UnixStream;
+
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::daemon::GroupRuntime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PythonError {
+    #[error("{0}")]
+    Init(String),
+}
+
+/// Starts the interpreter for this daemon: sys.path additions, sys.stdout/sys.stderr to
+/// Apache's error log.
+pub fn initialize(group: &GroupRuntime) -> Result<(), PythonError> {
+    Python::initialize();
+    Python::attach(|py| -> PyResult<()> {
+        let sys = py.import("sys")?;
+        let path = sys.getattr("path")?.cast_into::<PyList>()?;
+        for (index, entry) in group.spec.python_path.iter().enumerate() {
+            path.insert(index, entry.display().to_string())?;
+        }
+        sys.setattr("argv", PyList::new(py, ["mod_wsgi"])?)?;
+        let name = group.spec.name.as_str();
+        sys.setattr(
+            "stdout",
+            errors::LogStream::new(name, "stdout", crate::logging::Level::Error),
+        )?;
+        sys.setattr(
+            "stderr",
+            errors::LogStream::new(name, "stderr", crate::logging::Level::Error),
+        )?;
+        app::set_group(group);
+        Ok(())
+    })
+    .map_err(|err| PythonError::Init(err.to_string()))
+}
+
+/// Serves one worker connection to the end.
+pub fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
+    app::serve(stream, group);
+}

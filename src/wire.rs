@@ -1,0 +1,460 @@
+//! The frames exchanged between an Apache worker and a daemon process over the group's UNIX
+//! socket. Pure Rust: no ffi, no Python. Every length is checked against a cap before anything
+//! is allocated, so a malformed or hostile peer gets an error, never a crash or a huge buffer.
+//!
+//! A frame is `[kind: u8][length: u32 little-endian][payload]`. One connection carries one
+//! request:
+//!
+//! ```text
+//! worker → daemon   Request(environ pairs)
+//! daemon → worker   ReadBody(max) … when the app reads wsgi.input
+//! worker → daemon   Body(bytes) | BodyEnd      (one answer per ReadBody)
+//! daemon → worker   Headers(status, pairs), Data(bytes)…, End
+//!                   or Fail(status) before Headers (the worker answers with Apache's error page)
+//! ```
+//! The body is pulled by the daemon, so neither side ever buffers a whole body, and an app that
+//! streams its answer while reading its input cannot deadlock the two sides.
+
+#![forbid(unsafe_code)]
+
+use std::io::{self, IoSlice, Read, Write};
+
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 5;
+/// The largest Data/Body frame either side sends; bigger app chunks are split.
+pub const MAX_CHUNK: usize = 1 << 20;
+/// The largest environ a worker may send (Apache's own header limits keep real ones far below).
+pub const MAX_ENVIRON: usize = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Request = 1,
+    Body = 2,
+    BodyEnd = 3,
+    ReadBody = 4,
+    Headers = 5,
+    Data = 6,
+    End = 7,
+    Fail = 8,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::Request,
+            2 => Kind::Body,
+            3 => Kind::BodyEnd,
+            4 => Kind::ReadBody,
+            5 => Kind::Headers,
+            6 => Kind::Data,
+            7 => Kind::End,
+            8 => Kind::Fail,
+            _ => return None,
+        })
+    }
+
+    /// The cap for this kind's payload, given the cap for response headers.
+    fn cap(self, header_cap: usize) -> usize {
+        match self {
+            Kind::Request => MAX_ENVIRON,
+            Kind::Body | Kind::Data => MAX_CHUNK,
+            Kind::BodyEnd | Kind::End => 0,
+            Kind::ReadBody => 4,
+            Kind::Fail => 2,
+            Kind::Headers => header_cap,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("the peer closed the connection in the middle of a frame")]
+    Truncated,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("{kind:?} frame of {len} bytes exceeds the limit of {cap} bytes")]
+    Oversized { kind: Kind, len: usize, cap: usize },
+    #[error("malformed {kind:?} frame: {what}")]
+    Malformed { kind: Kind, what: &'static str },
+    #[error("expected {expected} but received a {got:?} frame")]
+    Unexpected { expected: &'static str, got: Kind },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl WireError {
+    /// True when the error was a timeout on a socket with a deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, WireError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
+/// Writes one frame with a single vectored write where the kernel allows it.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = kind as u8;
+    header[1..].copy_from_slice(&len.to_le_bytes());
+    write_all_vectored(w, &header, payload)
+}
+
+fn write_all_vectored(w: &mut impl Write, first: &[u8], second: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (first, second);
+    while !a.is_empty() || !b.is_empty() {
+        let written = match w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_a = written.min(a.len());
+        a = &a[from_a..];
+        b = &b[written - from_a..];
+    }
+    Ok(())
+}
+
+/// Reads one whole frame into `payload` (reusing its allocation). `header_cap` bounds a
+/// Headers frame (the group's header-buffer-size).
+pub fn read_frame(
+    r: &mut impl Read,
+    payload: &mut Vec<u8>,
+    header_cap: usize,
+) -> Result<Kind, WireError> {
+    let mut header = [0u8; HEADER_LEN];
+    read_exact_or_closed(r, &mut header)?;
+    let kind = Kind::from_byte(header[0]).ok_or(WireError::UnknownKind(header[0]))?;
+    let mut len_bytes = [0u8; 4];
+    len_bytes.copy_from_slice(&header[1..]);
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    let cap = kind.cap(header_cap);
+    if len > cap {
+        return Err(WireError::Oversized { kind, len, cap });
+    }
+    payload.clear();
+    payload.resize(len, 0);
+    r.read_exact(payload).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => WireError::Truncated,
+        _ => WireError::Io(e),
+    })?;
+    Ok(kind)
+}
+
+/// Like read_exact, but an EOF before the first byte is a clean close.
+fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Err(WireError::Closed),
+            Ok(0) => return Err(WireError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Appends `key`/`value` to a pairs payload (environ or response headers).
+pub fn push_pair(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    // Both sides cap frames far below 4 GiB, so the casts cannot truncate real data.
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(value);
+}
+
+/// Iterates the pairs of a pairs payload, failing on the first malformed length.
+pub fn pairs(kind: Kind, payload: &[u8]) -> PairIter<'_> {
+    PairIter {
+        kind,
+        rest: payload,
+    }
+}
+
+pub struct PairIter<'a> {
+    kind: Kind,
+    rest: &'a [u8],
+}
+
+impl<'a> PairIter<'a> {
+    fn take(&mut self) -> Result<&'a [u8], WireError> {
+        let malformed = |what| WireError::Malformed {
+            kind: self.kind,
+            what,
+        };
+        if self.rest.len() < 4 {
+            return Err(malformed("truncated length"));
+        }
+        let (len_bytes, rest) = self.rest.split_at(4);
+        let mut raw = [0u8; 4];
+        raw.copy_from_slice(len_bytes);
+        let len = u32::from_le_bytes(raw) as usize;
+        if len > rest.len() {
+            return Err(malformed("length runs past the end of the frame"));
+        }
+        let (item, rest) = rest.split_at(len);
+        self.rest = rest;
+        Ok(item)
+    }
+}
+
+impl<'a> Iterator for PairIter<'a> {
+    type Item = Result<(&'a [u8], &'a [u8]), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let pair = self.take().and_then(|k| Ok((k, self.take()?)));
+        if pair.is_err() {
+            self.rest = &[];
+        }
+        Some(pair)
+    }
+}
+
+/// A Headers payload: the status line, then header pairs.
+pub fn encode_headers<'h>(
+    out: &mut Vec<u8>,
+    status: &[u8],
+    headers: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+) {
+    out.clear();
+    push_pair(out, b"", status);
+    for (name, value) in headers {
+        push_pair(out, name, value);
+    }
+}
+
+/// Splits a Headers payload into its status line and header pairs.
+pub fn decode_headers(payload: &[u8]) -> Result<(&[u8], Vec<(&[u8], &[u8])>), WireError> {
+    let mut iter = pairs(Kind::Headers, payload);
+    let status = match iter.next() {
+        Some(Ok((b"", status))) => status,
+        Some(Err(e)) => return Err(e),
+        _ => {
+            return Err(WireError::Malformed {
+                kind: Kind::Headers,
+                what: "missing status line",
+            })
+        }
+    };
+    let headers = iter.collect::<Result<Vec<_>, _>>()?;
+    Ok((status, headers))
+}
+
+/// A ReadBody payload: how many bytes the daemon wants at most.
+pub fn encode_u32(value: u32) -> [u8; 4] {
+    value.to_le_bytes()
+}
+
+pub fn decode_u32(kind: Kind, payload: &[u8]) -> Result<u32, WireError> {
+    let raw: [u8; 4] = payload.try_into().map_err(|_| WireError::Malformed {
+        kind,
+        what: "expected a 4-byte number",
+    })?;
+    Ok(u32::from_le_bytes(raw))
+}
+
+/// A Fail payload: the HTTP status the worker should answer with.
+pub fn decode_status(payload: &[u8]) -> Result<u16, WireError> {
+    let raw: [u8; 2] = payload.try_into().map_err(|_| WireError::Malformed {
+        kind: Kind::Fail,
+        what: "expected a 2-byte status",
+    })?;
+    match u16::from_le_bytes(raw) {
+        status @ 100..=599 => Ok(status),
+        _ => Err(WireError::Malformed {
+            kind: Kind::Fail,
+            what: "status out of range",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Cursor;
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame(&mut out, kind, payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn round_trips_every_kind() {
+        for kind in [
+            Kind::Request,
+            Kind::Body,
+            Kind::BodyEnd,
+            Kind::ReadBody,
+            Kind::Headers,
+            Kind::Data,
+            Kind::End,
+            Kind::Fail,
+        ] {
+            let payload: &[u8] = match kind {
+                Kind::BodyEnd | Kind::End => b"",
+                Kind::ReadBody => &[1, 0, 0, 0],
+                Kind::Fail => &[244, 1],
+                _ => b"abc",
+            };
+            let bytes = frame(kind, payload);
+            let mut buf = Vec::new();
+            let got = read_frame(&mut Cursor::new(bytes), &mut buf, 1024).unwrap();
+            assert_eq!(got, kind);
+            assert_eq!(buf, payload);
+        }
+    }
+
+    #[test]
+    fn clean_close_and_truncation_differ() {
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut Cursor::new(Vec::new()), &mut buf, 1024),
+            Err(WireError::Closed)
+        ));
+        let mut bytes = frame(Kind::Data, b"hello");
+        bytes.truncate(7);
+        assert!(matches!(
+            read_frame(&mut Cursor::new(bytes), &mut buf, 1024),
+            Err(WireError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(vec![6u8, 1]), &mut buf, 1024),
+            Err(WireError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocation() {
+        let mut header = vec![Kind::Data as u8];
+        header.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut buf = Vec::new();
+        let err = read_frame(&mut Cursor::new(header), &mut buf, 1024).unwrap_err();
+        assert!(matches!(
+            err,
+            WireError::Oversized {
+                kind: Kind::Data,
+                ..
+            }
+        ));
+        assert!(buf.capacity() < 1 << 20);
+
+        let bytes = frame(Kind::Headers, &[0u8; 2048]);
+        let err = read_frame(&mut Cursor::new(bytes), &mut buf, 1024).unwrap_err();
+        assert!(matches!(
+            err,
+            WireError::Oversized {
+                kind: Kind::Headers,
+                len: 2048,
+                cap: 1024
+            }
+        ));
+
+        let bytes = frame(Kind::End, b"x");
+        assert!(read_frame(&mut Cursor::new(bytes), &mut buf, 1024).is_err());
+    }
+
+    #[test]
+    fn garbage_kind_is_an_error() {
+        let mut buf = Vec::new();
+        for byte in [0u8, 9, 200, 255] {
+            let err =
+                read_frame(&mut Cursor::new(vec![byte, 0, 0, 0, 0]), &mut buf, 1024).unwrap_err();
+            assert!(matches!(err, WireError::UnknownKind(b) if b == byte));
+        }
+    }
+
+    #[test]
+    fn pairs_round_trip_and_reject_bad_lengths() {
+        let mut payload = Vec::new();
+        push_pair(&mut payload, b"REQUEST_METHOD", b"GET");
+        push_pair(&mut payload, b"EMPTY", b"");
+        let got: Vec<_> = pairs(Kind::Request, &payload)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (&b"REQUEST_METHOD"[..], &b"GET"[..]),
+                (&b"EMPTY"[..], &b""[..])
+            ]
+        );
+
+        // Value length pointing past the end.
+        let mut bad = Vec::new();
+        push_pair(&mut bad, b"K", b"V");
+        let last = bad.len() - 5;
+        bad[last] = 200;
+        let results: Vec<_> = pairs(Kind::Request, &bad).collect();
+        assert_eq!(results.len(), 1);
+        assert!(results[0].is_err());
+
+        // A dangling key with no value.
+        let mut dangling = Vec::new();
+        dangling.extend_from_slice(&1u32.to_le_bytes());
+        dangling.push(b'K');
+        assert!(pairs(Kind::Request, &dangling).any(|p| p.is_err()));
+
+        // Three stray bytes.
+        assert!(pairs(Kind::Request, &[1, 2, 3]).any(|p| p.is_err()));
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let mut out = Vec::new();
+        let headers: Vec<(&[u8], &[u8])> = vec![
+            (b"Set-Cookie", b"a=1"),
+            (b"Set-Cookie", b"b=2"),
+            (b"Content-Type", b"text/plain"),
+        ];
+        encode_headers(&mut out, b"200 OK", headers.clone());
+        let (status, got) = decode_headers(&out).unwrap();
+        assert_eq!(status, b"200 OK");
+        assert_eq!(got, headers);
+        assert!(decode_headers(b"").is_err());
+        let mut no_status = Vec::new();
+        push_pair(&mut no_status, b"X", b"y");
+        assert!(decode_headers(&no_status).is_err());
+    }
+
+    #[test]
+    fn numbers_and_statuses() {
+        assert_eq!(
+            decode_u32(Kind::ReadBody, &encode_u32(65536)).unwrap(),
+            65536
+        );
+        assert!(decode_u32(Kind::ReadBody, &[1, 2]).is_err());
+        assert_eq!(decode_status(&500u16.to_le_bytes()).unwrap(), 500);
+        assert!(decode_status(&42u16.to_le_bytes()).is_err());
+        assert!(decode_status(&[1]).is_err());
+    }
+
+    /// A writer that accepts at most 3 bytes per call, to exercise partial vectored writes.
+    struct Trickle(Vec<u8>);
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(3);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_complete() {
+        let mut w = Trickle(Vec::new());
+        write_frame(&mut w, Kind::Data, b"hello world").unwrap();
+        assert_eq!(w.0, frame(Kind::Data, b"hello world"));
+    }
+}
