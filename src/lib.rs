@@ -8,8 +8,10 @@
 pub mod config;
 pub mod daemon;
 
-// pub mod httpd;
+#[cfg(not(test))]
+pub mod httpd;
 pub mod logging;
-// pub mod proxy;
+pub mod proxy;
 pub mod python;
+pub mod route;
 pub mod wire;

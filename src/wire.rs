@@ -231,8 +231,11 @@ pub fn encode_headers<'h>(
     }
 }
 
+/// Header name/value pairs borrowed from a frame payload.
+pub type HeaderPairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// Splits a Headers payload into its status line and header pairs.
-pub fn decode_headers(payload: &[u8]) -> Result<(&[u8], Vec<(&[u8], &[u8])>), WireError> {
+pub fn decode_headers(payload: &[u8]) -> Result<(&[u8], HeaderPairs<'_>), WireError> {
     let mut iter = pairs(Kind::Headers, payload);
     let status = match iter.next() {
         Some(Ok((b"", status))) => status,

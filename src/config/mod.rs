@@ -64,6 +64,15 @@ pub enum AliasMatch {
     Regex { pattern: String, compiled: usize },
 }
 
+/// How many bytes of `uri` a `WSGIScriptAlias` location matches, on whole path segments; the
+/// rest of the URI becomes PATH_INFO. A trailing slash on the location is not required in the
+/// URI, so `/` mounts an application on the whole site with an empty SCRIPT_NAME.
+pub fn match_prefix(location: &str, uri: &str) -> Option<usize> {
+    let location = location.trim_end_matches('/');
+    let rest = uri.strip_prefix(location)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(location.len())
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScriptAlias {
     pub matcher: AliasMatch,
@@ -213,6 +222,17 @@ mod tests {
         assert!(!merged.script_reloading());
         assert_eq!(DirConfig::default().callable_object(), "application");
         assert!(DirConfig::default().script_reloading());
+    }
+
+    #[test]
+    fn prefix_matches_whole_segments() {
+        assert_eq!(match_prefix("/", "/"), Some(0));
+        assert_eq!(match_prefix("/", "/a/b"), Some(0));
+        assert_eq!(match_prefix("/app", "/app"), Some(4));
+        assert_eq!(match_prefix("/app", "/app/x"), Some(4));
+        assert_eq!(match_prefix("/app/", "/app"), Some(4));
+        assert_eq!(match_prefix("/app", "/apple"), None);
+        assert_eq!(match_prefix("/app", "/other"), None);
     }
 
     #[test]

@@ -45,9 +45,9 @@ static REGISTRY: RwLock<Option<Arc<Registry>>> = RwLock::new(None);
 
 /// Published by the parent at post_config, before any worker or daemon is forked, so every
 /// child inherits it.
-pub fn publish(registry: Registry) {
+pub fn publish_arc(registry: Arc<Registry>) {
     let mut slot = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
-    *slot = Some(Arc::new(registry));
+    *slot = Some(registry);
 }
 
 pub fn registry() -> Option<Arc<Registry>> {

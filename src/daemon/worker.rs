@@ -91,6 +91,14 @@ pub fn run(ctx: DaemonContext) -> i32 {
         wsgi_log!(Level::Alert, "{message}");
         return EXIT_SETUP_FAILED;
     }
+    // lang= and locale= shape how Python decodes and encodes text; set before it starts.
+    // Only the signal thread exists now and it never reads the environment.
+    if let Some(lang) = &ctx.group.spec.lang {
+        std::env::set_var("LANG", lang);
+    }
+    if let Some(locale) = &ctx.group.spec.locale {
+        std::env::set_var("LC_ALL", locale);
+    }
     if let Err(err) = python::initialize(&ctx.group) {
         wsgi_log!(
             Level::Alert,

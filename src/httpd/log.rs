@@ -50,7 +50,7 @@ unsafe fn server_enabled(server: *const ffi::server_rec, level: Level) -> bool {
 }
 
 /// Logs `message` against `server` (NULL: Apache's default server).
-pub fn server_log(server: *const ffi::server_rec, level: Level, message: &str) {
+pub(crate) fn server_log(server: *const ffi::server_rec, level: Level, message: &str) {
     // SAFETY: server is NULL or live (all our callers pass the main server or cmd->server).
     if !unsafe { server_enabled(server, level) } {
         return;

@@ -99,7 +99,12 @@ pub fn log_exception(py: Python<'_>, group: &str, headline: &str, err: &PyErr) {
     logging::write(Level::Error, &format!("[{group}] {headline}"));
     let formatted = py
         .import("traceback")
-        .and_then(|tb| tb.call_method1("format_exception", (err.value(py),)))
+        .and_then(|tb| {
+            tb.call_method1(
+                "format_exception",
+                (err.get_type(py), err.value(py), err.traceback(py)),
+            )
+        })
         .and_then(|lines| lines.extract::<Vec<String>>());
     match formatted {
         Ok(lines) => {

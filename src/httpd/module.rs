@@ -1,0 +1,375 @@
+//! The exported module record `wsgi_module` (name "mod_wsgi.c", so `<IfModule mod_wsgi.c>`
+//! matches), per-server/per-directory config create and merge, and the hooks. Every function
+//! Apache calls catches panics.
+
+use std::ffi::{c_char, c_int, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ffi;
+use super::pool::{cstr_lossy, on_cleanup, pool_box};
+use super::{children, directives, log, request};
+use crate::config::daemon_process::{AccountLookup, SystemAccounts};
+use crate::config::{self, DirConfig, ServerConfig};
+use crate::daemon::{self, listener, privileges::Identity, supervisor, GroupRuntime, Registry};
+use crate::logging::Level;
+
+/// The module record Apache reads; `static mut` because Apache writes its index and links.
+#[cfg(not(test))]
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static mut wsgi_module: ffi::module = ffi::module {
+    version: ffi::WSGIRS_MODULE_MAGIC_NUMBER_MAJOR,
+    minor_version: ffi::WSGIRS_MODULE_MAGIC_NUMBER_MINOR,
+    module_index: -1,
+    name: c"mod_wsgi.c".as_ptr(),
+    dynamic_load_handle: ptr::null_mut(),
+    next: ptr::null_mut(),
+    magic: ffi::WSGIRS_MODULE_MAGIC_COOKIE,
+    rewrite_args: None,
+    create_dir_config: Some(create_dir_config),
+    merge_dir_config: Some(merge_dir_config),
+    create_server_config: Some(create_server_config),
+    merge_server_config: Some(merge_server_config),
+    cmds: directives::COMMANDS.0.as_ptr(),
+    register_hooks: Some(register_hooks),
+    flags: 0,
+};
+
+pub fn module_ptr() -> *mut ffi::module {
+    &raw mut wsgi_module
+}
+
+pub fn module_index() -> c_int {
+    // SAFETY: reading an int Apache wrote once while loading the module.
+    unsafe { (*module_ptr()).module_index }
+}
+
+/// The configuration pool of the current generation, for registering daemon watches.
+static PCONF: AtomicPtr<ffi::apr_pool_t> = AtomicPtr::new(ptr::null_mut());
+
+pub fn pconf() -> *mut ffi::apr_pool_t {
+    PCONF.load(Ordering::Acquire)
+}
+
+/// Runs `f`, turning a panic into `fallback` (a panic must never unwind into httpd).
+pub fn guarded<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        log::server_log(
+            ptr::null(),
+            Level::Crit,
+            "WSGIRS0001: Internal error in mod_wsgi_rs (a Rust panic was caught); see above.",
+        );
+        fallback
+    })
+}
+
+unsafe extern "C" fn create_dir_config(
+    pool: *mut ffi::apr_pool_t,
+    _dir: *mut c_char,
+) -> *mut c_void {
+    // SAFETY: Apache passes a live pool.
+    guarded(ptr::null_mut(), || unsafe {
+        pool_box(pool, DirConfig::default()).cast()
+    })
+}
+
+unsafe extern "C" fn merge_dir_config(
+    pool: *mut ffi::apr_pool_t,
+    base: *mut c_void,
+    add: *mut c_void,
+) -> *mut c_void {
+    guarded(ptr::null_mut(), || {
+        // SAFETY: both were created by create_dir_config/merge_dir_config in live pools.
+        unsafe {
+            let merged = DirConfig::merge(&*base.cast::<DirConfig>(), &*add.cast::<DirConfig>());
+            pool_box(pool, merged).cast()
+        }
+    })
+}
+
+unsafe extern "C" fn create_server_config(
+    pool: *mut ffi::apr_pool_t,
+    _s: *mut ffi::server_rec,
+) -> *mut c_void {
+    // SAFETY: Apache passes a live pool.
+    guarded(ptr::null_mut(), || unsafe {
+        pool_box(pool, ServerConfig::default()).cast()
+    })
+}
+
+unsafe extern "C" fn merge_server_config(
+    pool: *mut ffi::apr_pool_t,
+    base: *mut c_void,
+    add: *mut c_void,
+) -> *mut c_void {
+    guarded(ptr::null_mut(), || {
+        // SAFETY: both were created by create_server_config/merge_server_config.
+        unsafe {
+            let merged =
+                ServerConfig::merge(&*base.cast::<ServerConfig>(), &*add.cast::<ServerConfig>());
+            pool_box(pool, merged).cast()
+        }
+    })
+}
+
+/// This module's config in a config vector (server or request).
+///
+/// # Safety
+/// `vector` is a live `ap_conf_vector_t` of a server or request.
+pub unsafe fn module_config<T>(vector: *mut ffi::ap_conf_vector_t) -> *mut T {
+    // SAFETY: per the caller; our slot holds a T created by our create/merge functions.
+    unsafe { ffi::ap_get_module_config(vector, module_ptr()).cast::<T>() }
+}
+
+unsafe extern "C" fn register_hooks(_pool: *mut ffi::apr_pool_t) {
+    let middle = ffi::APR_HOOK_MIDDLE as c_int;
+    // SAFETY: registering hook functions with the signatures httpd expects.
+    unsafe {
+        ffi::ap_hook_pre_config(Some(pre_config), ptr::null(), ptr::null(), middle);
+        ffi::ap_hook_post_config(Some(post_config), ptr::null(), ptr::null(), middle);
+        ffi::ap_hook_child_init(Some(child_init), ptr::null(), ptr::null(), middle);
+        ffi::ap_hook_translate_name(
+            Some(request::translate_name),
+            ptr::null(),
+            ptr::null(),
+            middle,
+        );
+        ffi::ap_hook_handler(Some(request::handler), ptr::null(), ptr::null(), middle);
+    }
+}
+
+unsafe extern "C" fn pre_config(
+    _pconf: *mut ffi::apr_pool_t,
+    _plog: *mut ffi::apr_pool_t,
+    _ptemp: *mut ffi::apr_pool_t,
+) -> c_int {
+    guarded(ffi::OK as c_int, || {
+        config::reset_groups();
+        ffi::OK as c_int
+    })
+}
+
+unsafe extern "C" fn post_config(
+    pconf: *mut ffi::apr_pool_t,
+    _plog: *mut ffi::apr_pool_t,
+    ptemp: *mut ffi::apr_pool_t,
+    s: *mut ffi::server_rec,
+) -> c_int {
+    guarded(ffi::HTTP_INTERNAL_SERVER_ERROR as c_int, || {
+        // SAFETY: ap_state_query only reads httpd's state.
+        let state = unsafe { ffi::ap_state_query(ffi::AP_SQ_MAIN_STATE as c_int) };
+        // The first pass only validates the configuration; daemons start on the real pass.
+        if state == ffi::AP_SQ_MS_CREATE_PRE_CONFIG as c_int {
+            return ffi::OK as c_int;
+        }
+        log::install(s);
+        PCONF.store(pconf, Ordering::Release);
+        // SAFETY: live pools and server chain for the duration of post_config.
+        match unsafe { start_daemons(pconf, ptemp, s) } {
+            Ok(()) => ffi::OK as c_int,
+            Err(message) => {
+                log::server_log(s, Level::Emerg, &message);
+                ffi::HTTP_INTERNAL_SERVER_ERROR as c_int
+            }
+        }
+    })
+}
+
+/// The scope key the directive layer recorded for a server block.
+pub(crate) fn server_key(s: *const ffi::server_rec) -> config::ServerKey {
+    // SAFETY: callers pass live server_recs.
+    let is_virtual = unsafe { (*s).is_virtual != 0 };
+    config::ServerKey {
+        id: s as usize,
+        is_virtual,
+    }
+}
+
+/// Resolves every defined group against the running Apache and starts them.
+///
+/// # Safety
+/// Live pools and server chain (post_config).
+unsafe fn start_daemons(
+    pconf: *mut ffi::apr_pool_t,
+    ptemp: *mut ffi::apr_pool_t,
+    main: *mut ffi::server_rec,
+) -> Result<(), String> {
+    let defined = config::defined_groups();
+    // SAFETY: main server config was created by create_server_config.
+    let main_config = unsafe { &*module_config::<ServerConfig>((*main).module_config) };
+
+    // Where each group was defined: the ServerName of its vhost, or global.
+    let mut scopes = std::collections::HashMap::new();
+    let mut server = main;
+    while !server.is_null() {
+        // SAFETY: walking httpd's server list.
+        unsafe {
+            let key = server_key(server);
+            scopes.insert(key.id, cstr_lossy((*server).server_hostname));
+            server = (*server).next;
+        }
+    }
+
+    // SAFETY: ap_unixd_config is filled in by mod_unixd before post_config.
+    let (apache_uid, apache_gid, apache_user) = unsafe {
+        (
+            ffi::ap_unixd_config.user_id,
+            ffi::ap_unixd_config.group_id,
+            cstr_lossy(ffi::ap_unixd_config.user_name),
+        )
+    };
+    let is_root = nix::unistd::geteuid().is_root();
+    // When Apache does not start as root there is nobody to switch to: run as ourselves.
+    let (run_uid, run_gid) = if is_root {
+        (apache_uid, apache_gid)
+    } else {
+        (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        )
+    };
+
+    // SAFETY: ptemp is live during post_config.
+    let prefix = unsafe { socket_prefix(ptemp, main_config) }?;
+    // SAFETY: reading the main server's Timeout.
+    let apache_timeout =
+        Duration::from_micros(u64::try_from(unsafe { (*main).timeout }).unwrap_or(60_000_000));
+    let accounts = SystemAccounts;
+    let mut groups = Vec::with_capacity(defined.len());
+    for (index, def) in defined.into_iter().enumerate() {
+        let spec = def.spec;
+        let socket_path = PathBuf::from(format!(
+            "{prefix}.{}.{}.{index}.sock",
+            std::process::id(),
+            generation()
+        ));
+        let length = socket_path.as_os_str().len();
+        if length > listener::MAX_SOCKET_PATH {
+            return Err(daemon::DaemonError::SocketPathTooLong {
+                group: spec.name.clone(),
+                path: socket_path.display().to_string(),
+                len: length,
+            }
+            .to_string());
+        }
+        let (uid, user_name, home_default) = match (&spec.user, is_root) {
+            (Some(account), true) => (account.uid, account.name.clone(), account.home.clone()),
+            _ => {
+                let name = if is_root {
+                    apache_user.clone()
+                } else {
+                    String::new()
+                };
+                (run_uid, name, PathBuf::from("/"))
+            }
+        };
+        let user_name = if user_name.is_empty() {
+            accounts
+                .user_by_uid(uid)
+                .map(|a| a.name)
+                .unwrap_or_default()
+        } else {
+            user_name
+        };
+        // As mod_wsgi: without group=, the daemon keeps Apache's Group even when user= is set.
+        let gid = match (&spec.group, is_root) {
+            (Some(group), true) => group.gid,
+            _ => run_gid,
+        };
+        let supplementary = spec
+            .supplementary_groups
+            .as_ref()
+            .map(|list| list.iter().map(|g| g.gid).collect());
+        let home = spec.home.clone().unwrap_or(if uid != apache_uid {
+            home_default
+        } else {
+            PathBuf::from("/")
+        });
+        let scope = def
+            .server
+            .is_virtual
+            .then(|| scopes.get(&def.server.id).cloned().unwrap_or_default());
+        let mut spec = spec;
+        if spec.python_path.is_empty() {
+            spec.python_path = main_config.python_path.clone();
+        }
+        if spec.python_home.is_none() {
+            spec.python_home = main_config.python_home.clone();
+        }
+        groups.push(GroupRuntime {
+            socket_timeout: spec.socket_timeout.unwrap_or(apache_timeout),
+            spec,
+            scope,
+            socket_path,
+            identity: Identity {
+                user_name,
+                uid,
+                gid,
+                supplementary,
+            },
+            home,
+        });
+    }
+    let registry = Arc::new(Registry { groups });
+    daemon::publish_arc(Arc::clone(&registry));
+    let owner = is_root.then_some((apache_uid, apache_gid));
+    supervisor::start(
+        registry,
+        supervisor::ParentHooks {
+            watch: children::watch,
+            in_child: close_apache_listeners,
+        },
+        owner,
+    )
+    .map_err(|e| e.to_string())?;
+    // SAFETY: pconf is live; the cleanup runs when Apache restarts or stops.
+    unsafe { on_cleanup(pconf, Box::new(supervisor::stop_all)) };
+    Ok(())
+}
+
+fn generation() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+    GENERATION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// WSGISocketPrefix relative to ServerRoot, or `wsgi` in Apache's runtime directory.
+///
+/// # Safety
+/// Live pool.
+unsafe fn socket_prefix(
+    ptemp: *mut ffi::apr_pool_t,
+    main_config: &ServerConfig,
+) -> Result<String, String> {
+    let raw = match &main_config.socket_prefix {
+        Some(prefix) => {
+            let c = super::pool::cstring(prefix);
+            // SAFETY: live pool, NUL-terminated input.
+            unsafe { ffi::ap_server_root_relative(ptemp, c.as_ptr()) }
+        }
+        // SAFETY: live pool, NUL-terminated input.
+        None => unsafe { ffi::ap_runtime_dir_relative(ptemp, c"wsgi".as_ptr()) },
+    };
+    if raw.is_null() {
+        return Err(
+            "WSGIRS0405: Invalid WSGISocketPrefix: Apache could not resolve it to a path.".into(),
+        );
+    }
+    // SAFETY: Apache returned a pool string.
+    Ok(unsafe { cstr_lossy(raw) })
+}
+
+/// In a freshly forked daemon: Apache's HTTP listeners belong to Apache, not to us.
+fn close_apache_listeners() {
+    // SAFETY: closes the listener sockets this forked process inherited.
+    unsafe { ffi::ap_close_listeners() };
+}
+
+unsafe extern "C" fn child_init(_pchild: *mut ffi::apr_pool_t, _s: *mut ffi::server_rec) {
+    guarded((), supervisor::close_listeners_in_worker);
+}

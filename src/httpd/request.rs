@@ -1,0 +1,395 @@
+//! The request path in an Apache worker: `translate_name` maps WSGIScriptAlias URLs to their
+//! script, `handler` checks the script, picks the daemon group, builds the environ and hands
+//! the request to `proxy::forward`, with `ApacheClient` as its view of the client.
+
+use std::ffi::{c_char, c_int, c_long};
+
+use super::ffi;
+use super::log::request_log;
+use super::module::{guarded, module_config};
+use super::pool::{cstr_bytes, cstr_lossy, cstring, pstrdup};
+use crate::config::{match_prefix, AliasMatch, DirConfig, ServerConfig};
+use crate::logging::Level;
+use crate::proxy::{self, Client, ClientError, Outcome, ProxyError, Target};
+use crate::{daemon, route, wire};
+
+const ALIAS_NOTE: &std::ffi::CStr = c"mod_wsgi.script_alias";
+
+/// The translate_name hook: maps WSGIScriptAlias URLs to their script.
+///
+/// # Safety
+/// Called by httpd with a live request.
+pub unsafe extern "C" fn translate_name(r: *mut ffi::request_rec) -> c_int {
+    // SAFETY: httpd passes a live request.
+    guarded(ffi::DECLINED, || unsafe { translate(r) })
+}
+
+/// # Safety
+/// Live request.
+unsafe fn translate(r: *mut ffi::request_rec) -> c_int {
+    // SAFETY: live request; our server config slot holds a ServerConfig.
+    unsafe {
+        let uri_ptr = (*r).uri;
+        if uri_ptr.is_null() || *uri_ptr != b'/' as c_char {
+            return ffi::DECLINED;
+        }
+        let uri = cstr_lossy(uri_ptr);
+        let config = &*module_config::<ServerConfig>((*(*r).server).module_config);
+        for (index, alias) in config.script_aliases.iter().enumerate() {
+            let filename = match &alias.matcher {
+                AliasMatch::Prefix(location) => match match_prefix(location, &uri) {
+                    Some(len) => format!("{}{}", alias.script, &uri[len..]),
+                    None => continue,
+                },
+                AliasMatch::Regex { compiled, .. } => {
+                    let mut matches = [ffi::ap_regmatch_t {
+                        rm_so: -1,
+                        rm_eo: -1,
+                    }; 10];
+                    let regex = *compiled as *const ffi::ap_regex_t;
+                    if ffi::ap_regexec(regex, uri_ptr, matches.len(), matches.as_mut_ptr(), 0) != 0
+                    {
+                        continue;
+                    }
+                    let script = cstring(&alias.script);
+                    let found = ffi::ap_pregsub(
+                        (*r).pool,
+                        script.as_ptr(),
+                        uri_ptr,
+                        matches.len(),
+                        matches.as_mut_ptr(),
+                    );
+                    if found.is_null() {
+                        continue;
+                    }
+                    let end = usize::try_from(matches[0].rm_eo)
+                        .unwrap_or(0)
+                        .min(uri.len());
+                    format!("{}{}", cstr_lossy(found), &uri[end..])
+                }
+            };
+            (*r).filename = pstrdup((*r).pool, filename.as_bytes());
+            (*r).handler = c"wsgi-script".as_ptr();
+            let note = cstring(&index.to_string());
+            ffi::apr_table_set((*r).notes, ALIAS_NOTE.as_ptr(), note.as_ptr());
+            return ffi::OK as c_int;
+        }
+        ffi::DECLINED
+    }
+}
+
+/// The content handler for `wsgi-script`.
+///
+/// # Safety
+/// Called by httpd with a live request.
+pub unsafe extern "C" fn handler(r: *mut ffi::request_rec) -> c_int {
+    // SAFETY: httpd passes a live request.
+    guarded(ffi::HTTP_INTERNAL_SERVER_ERROR as c_int, || unsafe {
+        handle(r)
+    })
+}
+
+fn fail(r: *mut ffi::request_rec, status: u32, message: &str) -> c_int {
+    // SAFETY: live request for the duration of the handler.
+    unsafe { request_log(r, Level::Error, message) };
+    status as c_int
+}
+
+/// # Safety
+/// Live request.
+unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
+    // SAFETY: the request, its tables and configs are live for the whole handler call.
+    unsafe {
+        let handler = cstr_bytes((*r).handler);
+        if handler != b"wsgi-script" && handler != b"application/x-httpd-wsgi" {
+            return ffi::DECLINED;
+        }
+        let script = cstr_lossy((*r).filename);
+        let server_config = &*module_config::<ServerConfig>((*(*r).server).module_config);
+        let alias = {
+            let note = ffi::apr_table_get((*r).notes, ALIAS_NOTE.as_ptr());
+            std::str::from_utf8(cstr_bytes(note))
+                .ok()
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|i| server_config.script_aliases.get(i))
+        };
+        if alias.is_none() && (ffi::ap_allow_options(r) & ffi::OPT_EXECCGI as c_int) == 0 {
+            return fail(
+                r,
+                ffi::HTTP_FORBIDDEN,
+                &format!("WSGIRS0601: Options ExecCGI is off in this directory: {script}"),
+            );
+        }
+        match (*r).finfo.filetype {
+            ffi::apr_filetype_e_APR_NOFILE => {
+                return fail(
+                    r,
+                    ffi::HTTP_NOT_FOUND,
+                    &format!(
+                        "WSGIRS0602: Target WSGI script not found or unable to stat: {script}"
+                    ),
+                );
+            }
+            ffi::apr_filetype_e_APR_DIR => {
+                return fail(
+                    r,
+                    ffi::HTTP_FORBIDDEN,
+                    &format!(
+                        "WSGIRS0603: Attempt to invoke directory as WSGI application: {script}"
+                    ),
+                );
+            }
+            _ => {}
+        }
+
+        let dir = &*module_config::<DirConfig>((*r).per_dir_config);
+        let options = alias.map(|a| &a.options);
+        let group_value = options
+            .and_then(|o| o.process_group.clone())
+            .or_else(|| dir.process_group.clone())
+            .unwrap_or_default();
+        let Some(registry) = daemon::registry() else {
+            return fail(
+                r,
+                ffi::HTTP_SERVICE_UNAVAILABLE,
+                "WSGIRS0604: No daemon process groups are running in this Apache generation.",
+            );
+        };
+        let host = cstr_lossy((*(*r).server).server_hostname);
+        let group = match route::select(&registry, &group_value, &host, &script) {
+            Ok(group) => group,
+            Err(err) => return fail(r, u32::from(err.status()), &err.to_string()),
+        };
+
+        // script-user / script-group: only scripts owned by the named account may run here.
+        let (owner_uid, owner_gid) = ((*r).finfo.user, (*r).finfo.group);
+        if let Some(account) = &group.spec.script_user {
+            if owner_uid != account.uid {
+                return fail(r, ffi::HTTP_FORBIDDEN, &format!(
+                    "WSGIRS0605: Script '{script}' is owned by uid {owner_uid}, but daemon process group '{}' \
+                     only runs scripts of script-user '{}' (uid {}).",
+                    group.spec.name, account.name, account.uid
+                ));
+            }
+        }
+        if let Some(required) = &group.spec.script_group {
+            if owner_gid != required.gid {
+                return fail(r, ffi::HTTP_FORBIDDEN, &format!(
+                    "WSGIRS0606: Script '{script}' belongs to gid {owner_gid}, but daemon process group '{}' \
+                     only runs scripts of script-group '{}' (gid {}).",
+                    group.spec.name, required.name, required.gid
+                ));
+            }
+        }
+
+        let chunked_ok = dir.chunked_request.unwrap_or(false);
+        let policy = if chunked_ok {
+            ffi::REQUEST_CHUNKED_DECHUNK
+        } else {
+            ffi::REQUEST_CHUNKED_ERROR
+        };
+        let status = ffi::ap_setup_client_block(r, policy as c_int);
+        if status != ffi::OK as c_int {
+            return status;
+        }
+
+        let callable = options
+            .and_then(|o| o.callable_object.clone())
+            .unwrap_or_else(|| dir.callable_object().to_string());
+        let application_group = options
+            .and_then(|o| o.application_group.clone())
+            .or_else(|| dir.application_group.clone())
+            .map(|g| route::expand(&g))
+            .unwrap_or_else(|| default_application_group(r));
+        let pass_authorization = options
+            .and_then(|o| o.pass_authorization)
+            .or(dir.pass_authorization)
+            .unwrap_or(false);
+        let environ = build_environ(
+            r,
+            &[
+                ("mod_wsgi.process_group", group.spec.name.as_str()),
+                ("mod_wsgi.application_group", application_group.as_str()),
+                ("mod_wsgi.callable_object", callable.as_str()),
+                (
+                    "mod_wsgi.script_reloading",
+                    if dir.script_reloading() { "1" } else { "0" },
+                ),
+            ],
+            pass_authorization,
+        );
+
+        let target = Target {
+            group: &group.spec.name,
+            socket_path: &group.socket_path,
+            script: &script,
+            connect_timeout: group.spec.connect_timeout,
+            socket_timeout: group.socket_timeout,
+            header_buffer_size: group.spec.header_buffer_size,
+        };
+        let mut client = ApacheClient { r };
+        match proxy::forward(&target, &environ, &mut client) {
+            Ok(Outcome::Completed) => ffi::OK as c_int,
+            Ok(Outcome::DaemonStatus(status)) => c_int::from(status),
+            Err(err) => report(r, &err),
+        }
+    }
+}
+
+fn report(r: *mut ffi::request_rec, err: &ProxyError) -> c_int {
+    // SAFETY: live request for the handler's duration.
+    unsafe { request_log(r, err.log_level(), &err.to_string()) };
+    if err.headers_sent() {
+        // The status line is gone: cut the connection so the client sees an incomplete
+        // response instead of a clean, short one.
+        // SAFETY: live request and connection.
+        unsafe {
+            let c = (*r).connection;
+            (*c).keepalive = ffi::ap_conn_keepalive_e_AP_CONN_CLOSE;
+            (*c).aborted = 1;
+        }
+        ffi::OK as c_int
+    } else {
+        c_int::from(err.status())
+    }
+}
+
+/// `%{RESOURCE}`: the server name (with a non-default port) and the script's URL path.
+///
+/// # Safety
+/// Live request.
+unsafe fn default_application_group(r: *mut ffi::request_rec) -> String {
+    // SAFETY: live request.
+    unsafe {
+        let host = cstr_lossy((*(*r).server).server_hostname);
+        let port = (*(*r).server).port;
+        let uri = cstr_lossy((*r).uri);
+        let path_info = cstr_lossy((*r).path_info);
+        let script_name = uri
+            .strip_suffix(path_info.as_str())
+            .unwrap_or(&uri)
+            .to_lowercase();
+        if port == 0 || port == 80 || port == 443 {
+            format!("{host}|{script_name}")
+        } else {
+            format!("{host}:{port}|{script_name}")
+        }
+    }
+}
+
+/// The CGI environment Apache computes, plus our extra keys, as a wire pairs payload.
+///
+/// # Safety
+/// Live request.
+unsafe fn build_environ(
+    r: *mut ffi::request_rec,
+    extra: &[(&str, &str)],
+    pass_authorization: bool,
+) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(4096);
+    // SAFETY: live request; table entries are NUL-terminated pool strings.
+    unsafe {
+        ffi::ap_add_common_vars(r);
+        ffi::ap_add_cgi_vars(r);
+        let elts = ffi::apr_table_elts((*r).subprocess_env);
+        let entries = (*elts).elts.cast::<ffi::apr_table_entry_t>();
+        for i in 0..usize::try_from((*elts).nelts).unwrap_or(0) {
+            let entry = &*entries.add(i);
+            if entry.key.is_null() {
+                continue;
+            }
+            wire::push_pair(&mut payload, cstr_bytes(entry.key), cstr_bytes(entry.val));
+        }
+        if pass_authorization {
+            let value = ffi::apr_table_get((*r).headers_in, c"Authorization".as_ptr());
+            if !value.is_null() {
+                wire::push_pair(&mut payload, b"HTTP_AUTHORIZATION", cstr_bytes(value));
+            }
+        }
+    }
+    for (key, value) in extra {
+        wire::push_pair(&mut payload, key.as_bytes(), value.as_bytes());
+    }
+    payload
+}
+
+/// The client side of a request, as the proxy sees it.
+struct ApacheClient {
+    r: *mut ffi::request_rec,
+}
+
+impl Client for ApacheClient {
+    fn read_body(&mut self, buf: &mut [u8]) -> Result<usize, ClientError> {
+        if !self.started_body() {
+            return Ok(0);
+        }
+        // SAFETY: live request; buf is valid for buf.len() bytes.
+        let n: c_long =
+            unsafe { ffi::ap_get_client_block(self.r, buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(n)
+            .map_err(|_| ClientError::Read("the client's request body could not be read".into()))
+    }
+
+    fn send_headers(
+        &mut self,
+        status: &[u8],
+        headers: &[(&[u8], &[u8])],
+    ) -> Result<(), ProxyError> {
+        let code = std::str::from_utf8(status.get(..3).unwrap_or(b"500"))
+            .ok()
+            .and_then(|s| s.parse::<c_int>().ok())
+            .unwrap_or(500);
+        // SAFETY: live request; every string is copied into the request pool.
+        unsafe {
+            let r = self.r;
+            (*r).status = code;
+            (*r).status_line = pstrdup((*r).pool, status);
+            for (name, value) in headers {
+                let value_c = pstrdup((*r).pool, value);
+                if name.eq_ignore_ascii_case(b"Content-Type") {
+                    ffi::ap_set_content_type(r, value_c);
+                } else if name.eq_ignore_ascii_case(b"Transfer-Encoding")
+                    || name.eq_ignore_ascii_case(b"Connection")
+                {
+                    // Hop-by-hop: Apache owns the connection and its framing.
+                } else {
+                    ffi::apr_table_add((*r).headers_out, pstrdup((*r).pool, name), value_c);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_body(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        let len =
+            c_int::try_from(data.len()).map_err(|_| ClientError::Gone("chunk too large".into()))?;
+        // SAFETY: live request; data valid for len bytes.
+        let written = unsafe { ffi::ap_rwrite(data.as_ptr().cast(), len, self.r) };
+        if written < 0 {
+            Err(ClientError::Gone("the client closed the connection".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), ClientError> {
+        // SAFETY: live request.
+        if unsafe { ffi::ap_rflush(self.r) } < 0 {
+            Err(ClientError::Gone("the client closed the connection".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl ApacheClient {
+    /// True when there is a body to read (ap_should_client_block also sends "100 Continue").
+    fn started_body(&self) -> bool {
+        // SAFETY: live request.
+        unsafe {
+            ffi::ap_should_client_block(self.r) != 0
+                || (*self.r).remaining > 0
+                || (*self.r).read_chunked != 0
+        }
+    }
+}

@@ -1,0 +1,1239 @@
+//! The Apache-worker side of a daemon-mode request: connect to the group's UNIX socket
+//! (retrying while the daemon is restarting or its backlog is full), send the environ, answer
+//! the daemon's body pulls from the client, and relay status, headers and the streamed body
+//! back. No ffi here: the httpd layer implements [`Client`] over the real request_rec and
+//! turns a [`ProxyError`] into a status, an aborted connection and a log line.
+//!
+//! Memory per request is bounded whatever the body sizes: one frame buffer (at most
+//! `wire::MAX_CHUNK` or header-buffer-size bytes) reused for every frame in both directions,
+//! plus a fixed read buffer on the socket.
+//!
+//! **When the client is flushed.** Data frames are handed to [`Client::write_body`] as they
+//! arrive (Apache's output filters send them once they fill their own buffers). We additionally
+//! call [`Client::flush`] whenever we would otherwise wait with unflushed data:
+//! - after a Data frame, if the daemon has nothing more readable right now (our read buffer is
+//!   empty and a zero-timeout poll says the socket is not readable): the app is still
+//!   producing, so what it has produced so far goes to the client now;
+//! - before reading the request body for a ReadBody, since that read may block too;
+//! - at End.
+//!
+//! So a streamed response reaches the client while it is produced, and a small response whose
+//! frames arrive together (the usual Headers, Data, End in one write) costs one flush, at End.
+
+#![forbid(unsafe_code)]
+
+mod connect;
+mod error;
+
+pub use error::{ProxyError, TruncatedWhy};
+
+use std::io::{self, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::wire::{self, Kind, WireError};
+
+use connect::Sender;
+use error::escape;
+
+/// The read buffer on the daemon socket: frame headers and small frames come out of it
+/// without a syscall each; big payloads are read straight into the frame buffer.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// The real request, as the proxy needs it. Implemented by the httpd layer (and by a fake in
+/// the tests).
+pub trait Client {
+    /// Reads up to buf.len() bytes of the (de-chunked) request body; Ok(0) at its end.
+    fn read_body(&mut self, buf: &mut [u8]) -> Result<usize, ClientError>;
+    /// Status line as the app gave it ("200 OK") and headers in order (repeats kept).
+    fn send_headers(&mut self, status: &[u8], headers: &[(&[u8], &[u8])])
+        -> Result<(), ProxyError>;
+    fn write_body(&mut self, data: &[u8]) -> Result<(), ClientError>;
+    /// Push anything buffered to the client (called when the daemon has nothing more queued).
+    fn flush(&mut self) -> Result<(), ClientError>;
+}
+
+/// A failure talking to the HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Reading the request body failed (bad chunking, a body over the limit …): 400.
+    #[error("client read failed: {0}")]
+    Read(String),
+    /// The client was too slow (Apache's Timeout): 408 while reading the body.
+    #[error("client timed out: {0}")]
+    Timeout(String),
+    /// The connection is gone (reset, aborted).
+    #[error("client went away: {0}")]
+    Gone(String),
+}
+
+/// Where and how to reach a daemon group, and what to name in messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub group: &'a str,
+    pub socket_path: &'a Path,
+    /// The script (SCRIPT_FILENAME), named in error messages as mod_wsgi does.
+    pub script: &'a str,
+    /// How long to keep retrying a refused or full socket (zero: one attempt).
+    pub connect_timeout: Duration,
+    /// The deadline of every single read or write on the daemon socket (zero: none).
+    pub socket_timeout: Duration,
+    /// The largest Headers frame accepted (the group's header-buffer-size; 0: the default,
+    /// 32768).
+    pub header_buffer_size: usize,
+}
+
+/// header-buffer-size when the group gives 0 (mod_wsgi's default).
+pub const DEFAULT_HEADER_BUFFER_SIZE: usize = 32768;
+
+impl Target<'_> {
+    fn header_cap(&self) -> usize {
+        match self.header_buffer_size {
+            0 => DEFAULT_HEADER_BUFFER_SIZE,
+            size => size,
+        }
+    }
+}
+
+/// How a forwarded request ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response was relayed completely.
+    Completed,
+    /// The daemon asked for this status before sending headers (the app failed); the worker
+    /// answers with Apache's own error page.
+    DaemonStatus(u16),
+}
+
+/// Runs one request through the daemon group `target`. `environ` is a wire pairs payload,
+/// already encoded. Blocks the calling Apache worker thread until the response is relayed.
+pub fn forward(
+    target: &Target<'_>,
+    environ: &[u8],
+    client: &mut impl Client,
+) -> Result<Outcome, ProxyError> {
+    if environ.len() > wire::MAX_ENVIRON {
+        return Err(ProxyError::EnvironTooLarge {
+            group: target.group.to_owned(),
+            script: target.script.to_owned(),
+            len: environ.len(),
+        });
+    }
+    let stream = connect::connect(target)?;
+    let timeout = (!target.socket_timeout.is_zero()).then_some(target.socket_timeout);
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|source| ProxyError::DaemonIo {
+            group: target.group.to_owned(),
+            script: target.script.to_owned(),
+            during: "setting the socket timeouts",
+            source,
+        })?;
+    wire::write_frame(&mut Sender(&stream), Kind::Request, environ).map_err(|source| {
+        ProxyError::SendRequest {
+            group: target.group.to_owned(),
+            path: target.socket_path.to_owned(),
+            script: target.script.to_owned(),
+            source,
+        }
+    })?;
+    Relay {
+        target,
+        stream: &stream,
+        reader: BufReader::with_capacity(READ_BUFFER, &stream),
+        payload: Vec::new(),
+        headers_sent: false,
+        body_done: false,
+        unflushed: false,
+    }
+    .run(client)
+    // Dropping the stream closes the connection: on an error the daemon sees EOF.
+}
+
+/// One request's relay state after the Request frame went out.
+struct Relay<'t, 's> {
+    target: &'t Target<'t>,
+    stream: &'s UnixStream,
+    reader: BufReader<&'s UnixStream>,
+    /// The one frame buffer: each incoming frame, and each Body frame we send.
+    payload: Vec<u8>,
+    headers_sent: bool,
+    /// The client's body reached its end (every later ReadBody gets BodyEnd).
+    body_done: bool,
+    /// Data went to the client since the last flush.
+    unflushed: bool,
+}
+
+impl Relay<'_, '_> {
+    fn run(mut self, client: &mut impl Client) -> Result<Outcome, ProxyError> {
+        loop {
+            if self.unflushed && !self.daemon_has_more() {
+                self.flush(client)?;
+            }
+            let kind = match wire::read_frame(
+                &mut self.reader,
+                &mut self.payload,
+                self.target.header_cap(),
+            ) {
+                Ok(kind) => kind,
+                Err(e) => return Err(self.read_failed(e)),
+            };
+            match kind {
+                Kind::ReadBody => self.pull_body(client)?,
+                Kind::Headers if !self.headers_sent => self.relay_headers(client)?,
+                Kind::Data if self.headers_sent => {
+                    if !self.payload.is_empty() {
+                        client
+                            .write_body(&self.payload)
+                            .map_err(|e| self.client_gone(&e, "sending the response"))?;
+                        self.unflushed = true;
+                    }
+                }
+                Kind::End if self.headers_sent => {
+                    self.flush(client)?;
+                    return Ok(Outcome::Completed);
+                }
+                Kind::Fail if !self.headers_sent => {
+                    return match wire::decode_status(&self.payload) {
+                        Ok(status) => Ok(Outcome::DaemonStatus(status)),
+                        Err(e) => Err(self.protocol(e.to_string())),
+                    };
+                }
+                Kind::Fail => {
+                    let status = wire::decode_status(&self.payload).unwrap_or(500);
+                    return Err(self.broken(format!(
+                        "the daemon reported a failure (status {status}) after the headers \
+                         were sent: the application failed while producing the body (see the \
+                         daemon's log lines for this request)"
+                    )));
+                }
+                other => {
+                    let when = if self.headers_sent {
+                        "after the response headers"
+                    } else {
+                        "before the response headers"
+                    };
+                    return Err(self.protocol(format!("unexpected {other:?} frame {when}")));
+                }
+            }
+        }
+    }
+
+    /// True when a read on the daemon socket would not block right now.
+    fn daemon_has_more(&self) -> bool {
+        !self.reader.buffer().is_empty() || connect::readable(self.stream)
+    }
+
+    fn flush(&mut self, client: &mut impl Client) -> Result<(), ProxyError> {
+        client
+            .flush()
+            .map_err(|e| self.client_gone(&e, "sending the response"))?;
+        self.unflushed = false;
+        Ok(())
+    }
+
+    /// Answers one ReadBody with a Body frame of what one client read gave (never more than
+    /// asked, nor more than `wire::MAX_CHUNK`), or BodyEnd at the end of the body.
+    fn pull_body(&mut self, client: &mut impl Client) -> Result<(), ProxyError> {
+        let asked = match wire::decode_u32(Kind::ReadBody, &self.payload) {
+            Ok(asked) => asked,
+            Err(e) => return Err(self.protocol(e.to_string())),
+        };
+        if self.unflushed {
+            // The client read may block: let the client see what it has been sent so far.
+            self.flush(client)?;
+        }
+        let want = usize::try_from(asked)
+            .unwrap_or(usize::MAX)
+            .min(wire::MAX_CHUNK);
+        let (kind, len) = if self.body_done {
+            (Kind::BodyEnd, 0)
+        } else if want == 0 {
+            // Asked for nothing: answer with nothing, without touching the client.
+            (Kind::Body, 0)
+        } else {
+            self.payload.clear();
+            self.payload.resize(want, 0);
+            match client.read_body(&mut self.payload) {
+                Ok(0) => {
+                    self.body_done = true;
+                    (Kind::BodyEnd, 0)
+                }
+                Ok(n) => (Kind::Body, n.min(want)),
+                Err(e) => return Err(self.client_read_failed(e)),
+            }
+        };
+        wire::write_frame(&mut Sender(self.stream), kind, &self.payload[..len])
+            .map_err(|e| self.write_failed(e, "sending the request body"))
+    }
+
+    /// Decodes and checks the Headers frame, then hands status and headers to the client.
+    fn relay_headers(&mut self, client: &mut impl Client) -> Result<(), ProxyError> {
+        let (status, headers) = match wire::decode_headers(&self.payload) {
+            Ok(decoded) => decoded,
+            Err(e) => return Err(self.protocol(e.to_string())),
+        };
+        if let Err(detail) = check_status(status) {
+            return Err(self.malformed(detail));
+        }
+        for &(name, value) in &headers {
+            if let Err(detail) = check_header(name, value) {
+                return Err(self.malformed(detail));
+            }
+        }
+        client.send_headers(status, &headers)?;
+        self.headers_sent = true;
+        Ok(())
+    }
+
+    fn group(&self) -> String {
+        self.target.group.to_owned()
+    }
+
+    fn script(&self) -> String {
+        self.target.script.to_owned()
+    }
+
+    fn broken(&self, cause: String) -> ProxyError {
+        ProxyError::BrokenAfterHeaders {
+            group: self.group(),
+            script: self.script(),
+            cause,
+        }
+    }
+
+    fn protocol(&self, detail: String) -> ProxyError {
+        if self.headers_sent {
+            return self.broken(format!("protocol error: {detail}"));
+        }
+        ProxyError::Protocol {
+            group: self.group(),
+            script: self.script(),
+            detail,
+        }
+    }
+
+    fn malformed(&self, detail: String) -> ProxyError {
+        ProxyError::MalformedHeader {
+            group: self.group(),
+            script: self.script(),
+            detail,
+        }
+    }
+
+    fn client_gone(&self, e: &ClientError, during: &'static str) -> ProxyError {
+        ProxyError::ClientGone {
+            group: self.group(),
+            script: self.script(),
+            during,
+            detail: e.to_string(),
+            headers_sent: self.headers_sent,
+        }
+    }
+
+    fn client_read_failed(&self, e: ClientError) -> ProxyError {
+        let (group, script, headers_sent) = (self.group(), self.script(), self.headers_sent);
+        match e {
+            ClientError::Read(detail) => ProxyError::ClientRead {
+                group,
+                script,
+                detail,
+                headers_sent,
+            },
+            ClientError::Timeout(detail) => ProxyError::ClientTimeout {
+                group,
+                script,
+                detail,
+                headers_sent,
+            },
+            gone @ ClientError::Gone(_) => self.client_gone(&gone, "reading the request body"),
+        }
+    }
+
+    /// A failed read of the daemon's next frame.
+    fn read_failed(&self, e: WireError) -> ProxyError {
+        let timeout = e.is_timeout();
+        if self.headers_sent {
+            let cause = match e {
+                _ if timeout => format!(
+                    "Timeout when reading response content: nothing received within \
+                     socket-timeout of {:.3} s",
+                    self.target.socket_timeout.as_secs_f64()
+                ),
+                WireError::Closed => "the daemon closed the connection before the end of the \
+                                      response (it may have crashed: see the daemon's exit \
+                                      status in the log)"
+                    .to_owned(),
+                WireError::Io(ref io) if is_reset(io) => "the daemon reset the connection \
+                                                          before the end of the response (it \
+                                                          may have crashed: see the daemon's \
+                                                          exit status in the log)"
+                    .to_owned(),
+                other => other.to_string(),
+            };
+            return self.broken(cause);
+        }
+        let truncated = |why| ProxyError::TruncatedHeaders {
+            group: self.group(),
+            script: self.script(),
+            why,
+        };
+        match e {
+            _ if timeout => self.header_timeout("nothing was received"),
+            WireError::Closed => truncated(TruncatedWhy::Closed),
+            WireError::Truncated => truncated(TruncatedWhy::CutMidFrame),
+            WireError::Oversized {
+                kind: Kind::Headers,
+                len,
+                cap,
+            } => truncated(TruncatedWhy::Oversized { len, cap }),
+            WireError::Io(ref io) if is_reset(io) => truncated(TruncatedWhy::Reset),
+            WireError::Io(source) => ProxyError::DaemonIo {
+                group: self.group(),
+                script: self.script(),
+                during: "reading the response",
+                source,
+            },
+            other => self.protocol(other.to_string()),
+        }
+    }
+
+    /// A failed write of a frame to the daemon.
+    fn write_failed(&self, e: io::Error, during: &'static str) -> ProxyError {
+        if self.headers_sent {
+            return self.broken(format!("error while {during}: {e}"));
+        }
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            return self.header_timeout("the daemon did not take the request body");
+        }
+        if is_reset(&e) {
+            return ProxyError::TruncatedHeaders {
+                group: self.group(),
+                script: self.script(),
+                why: TruncatedWhy::Reset,
+            };
+        }
+        ProxyError::DaemonIo {
+            group: self.group(),
+            script: self.script(),
+            during,
+            source: e,
+        }
+    }
+
+    fn header_timeout(&self, what: &'static str) -> ProxyError {
+        ProxyError::HeaderTimeout {
+            group: self.group(),
+            script: self.script(),
+            timeout: self.target.socket_timeout,
+            what,
+        }
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// The status line must start with a 3-digit status 100..=599, followed by the end or a space
+/// and a reason phrase; nothing in it may split the line.
+fn check_status(status: &[u8]) -> Result<(), String> {
+    let code_ok = status.len() >= 3
+        && (b'1'..=b'5').contains(&status[0])
+        && status[1..3].iter().all(u8::is_ascii_digit)
+        && (status.len() == 3 || status[3] == b' ');
+    let clean = !status.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0));
+    if code_ok && clean {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad status line {} (it must be a 3-digit status from 100 to 599, then a space and \
+             a reason phrase without CR, LF or NUL)",
+            escape(status)
+        ))
+    }
+}
+
+/// Header names are HTTP tokens; values may not contain CR, LF or NUL (no header splitting).
+fn check_header(name: &[u8], value: &[u8]) -> Result<(), String> {
+    if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+        return Err(format!(
+            "bad header name {} (it must be a non-empty HTTP token: no spaces, colons or \
+             control characters)",
+            escape(name)
+        ));
+    }
+    if value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
+        return Err(format!(
+            "header {} has a value containing CR, LF or NUL: {}",
+            escape(name),
+            escape(value)
+        ));
+    }
+    Ok(())
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::logging::Level;
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::thread::{self, JoinHandle};
+    use std::time::Instant;
+
+    /// A temporary directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static COUNT: AtomicUsize = AtomicUsize::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "wsgirs-proxy-{}-{}",
+                std::process::id(),
+                COUNT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            TempDir(path)
+        }
+
+        fn socket(&self) -> PathBuf {
+            self.0.join("daemon.sock")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A fake daemon: listens in a temp dir, accepts one connection, reads the Request frame
+    /// and hands the stream and the environ to `script`.
+    struct Daemon {
+        dir: TempDir,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Daemon {
+        fn start(script: impl FnOnce(UnixStream, Vec<u8>) + Send + 'static) -> Daemon {
+            let dir = TempDir::new();
+            let listener = UnixListener::bind(dir.socket()).unwrap();
+            let thread = thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut environ = Vec::new();
+                let kind = wire::read_frame(&mut stream, &mut environ, 0).unwrap();
+                assert_eq!(kind, Kind::Request);
+                script(stream, environ);
+            });
+            Daemon {
+                dir,
+                thread: Some(thread),
+            }
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.socket()
+        }
+
+        /// Waits for the daemon thread, re-raising its assertion failures.
+        fn join(mut self) {
+            if let Some(thread) = self.thread.take() {
+                thread.join().unwrap();
+            }
+        }
+    }
+
+    fn target(path: &Path) -> Target<'_> {
+        Target {
+            group: "site",
+            socket_path: path,
+            script: "/srv/app.wsgi",
+            connect_timeout: Duration::from_secs(2),
+            socket_timeout: Duration::from_secs(5),
+            header_buffer_size: 32768,
+        }
+    }
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_frame(&mut out, kind, payload).unwrap();
+        out
+    }
+
+    fn headers_frame(status: &[u8], headers: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        wire::encode_headers(&mut payload, status, headers.iter().copied());
+        frame(Kind::Headers, &payload)
+    }
+
+    fn environ() -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::push_pair(&mut out, b"REQUEST_METHOD", b"GET");
+        wire::push_pair(&mut out, b"PATH_INFO", b"/hello");
+        out
+    }
+
+    #[derive(Default)]
+    struct FakeClient {
+        body: Vec<u8>,
+        pos: usize,
+        /// At most this many bytes per read_body (0: no limit).
+        read_limit: usize,
+        read_error: Option<ClientError>,
+        /// write_body fails once this many bytes have been written.
+        gone_after: Option<usize>,
+        status: Option<Vec<u8>>,
+        headers: Vec<(Vec<u8>, Vec<u8>)>,
+        out: Vec<u8>,
+        writes: usize,
+        flushes: usize,
+        /// Told the number of body bytes received at each flush.
+        on_flush: Option<mpsc::Sender<usize>>,
+    }
+
+    impl Client for FakeClient {
+        fn read_body(&mut self, buf: &mut [u8]) -> Result<usize, ClientError> {
+            if let Some(e) = self.read_error.take() {
+                return Err(e);
+            }
+            let mut n = buf.len().min(self.body.len() - self.pos);
+            if self.read_limit > 0 {
+                n = n.min(self.read_limit);
+            }
+            buf[..n].copy_from_slice(&self.body[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+
+        fn send_headers(
+            &mut self,
+            status: &[u8],
+            headers: &[(&[u8], &[u8])],
+        ) -> Result<(), ProxyError> {
+            assert!(self.status.is_none(), "headers sent twice");
+            self.status = Some(status.to_vec());
+            self.headers = headers
+                .iter()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect();
+            Ok(())
+        }
+
+        fn write_body(&mut self, data: &[u8]) -> Result<(), ClientError> {
+            assert!(self.status.is_some(), "body before headers");
+            if matches!(self.gone_after, Some(limit) if self.out.len() >= limit) {
+                return Err(ClientError::Gone("connection reset by peer".into()));
+            }
+            self.out.extend_from_slice(data);
+            self.writes += 1;
+            Ok(())
+        }
+
+        fn flush(&mut self) -> Result<(), ClientError> {
+            self.flushes += 1;
+            if let Some(tx) = &self.on_flush {
+                let _ = tx.send(self.out.len());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn simple_get() {
+        let daemon = Daemon::start(|mut s, environ| {
+            assert_eq!(environ, self::environ());
+            // Headers, Data and End in one write, as a small response usually arrives.
+            let mut all = headers_frame(
+                b"200 OK",
+                &[
+                    (b"Content-Type", b"text/plain"),
+                    (b"Set-Cookie", b"a=1"),
+                    (b"Set-Cookie", b"b=2"),
+                ],
+            );
+            all.extend(frame(Kind::Data, b"hello "));
+            all.extend(frame(Kind::Data, b"world"));
+            all.extend(frame(Kind::End, b""));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient::default();
+        let got = forward(&target(&daemon.path()), &environ(), &mut client).unwrap();
+        daemon.join();
+        assert_eq!(got, Outcome::Completed);
+        assert_eq!(client.status.as_deref(), Some(&b"200 OK"[..]));
+        let headers: Vec<(&[u8], &[u8])> = client
+            .headers
+            .iter()
+            .map(|(n, v)| (&n[..], &v[..]))
+            .collect();
+        assert_eq!(
+            headers,
+            vec![
+                (&b"Content-Type"[..], &b"text/plain"[..]),
+                (b"Set-Cookie", b"a=1"),
+                (b"Set-Cookie", b"b=2"),
+            ]
+        );
+        assert_eq!(client.out, b"hello world");
+        assert_eq!(
+            client.flushes, 1,
+            "a small response is flushed once, at End"
+        );
+    }
+
+    #[test]
+    fn body_pulled_in_rounds() {
+        let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let expected = body.clone();
+        let daemon = Daemon::start(move |mut s, _| {
+            let mut got = Vec::new();
+            let mut buf = Vec::new();
+            let mut rounds = 0;
+            loop {
+                wire::write_frame(&mut s, Kind::ReadBody, &wire::encode_u32(65536)).unwrap();
+                rounds += 1;
+                match wire::read_frame(&mut s, &mut buf, 0).unwrap() {
+                    Kind::Body => {
+                        assert!(!buf.is_empty() && buf.len() <= 65536);
+                        got.extend_from_slice(&buf);
+                    }
+                    Kind::BodyEnd => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert!(rounds > 16, "{rounds} rounds");
+            assert_eq!(got, expected);
+            // Asking again after the end gets BodyEnd again.
+            wire::write_frame(&mut s, Kind::ReadBody, &wire::encode_u32(65536)).unwrap();
+            assert_eq!(
+                wire::read_frame(&mut s, &mut buf, 0).unwrap(),
+                Kind::BodyEnd
+            );
+            s.write_all(&headers_frame(b"200 OK", &[])).unwrap();
+            s.write_all(&frame(Kind::Data, format!("{}", got.len()).as_bytes()))
+                .unwrap();
+            s.write_all(&frame(Kind::End, b"")).unwrap();
+        });
+        let mut client = FakeClient {
+            body,
+            read_limit: 40_000,
+            ..FakeClient::default()
+        };
+        let got = forward(&target(&daemon.path()), &environ(), &mut client).unwrap();
+        daemon.join();
+        assert_eq!(got, Outcome::Completed);
+        assert_eq!(client.out, b"1048576");
+        assert_eq!(client.pos, 1 << 20);
+    }
+
+    #[test]
+    fn streamed_response_reaches_the_client_while_produced() {
+        let (tx, rx) = mpsc::channel();
+        let daemon = Daemon::start(move |mut s, _| {
+            s.write_all(&headers_frame(b"200 OK", &[])).unwrap();
+            let mut sent = 0;
+            // One chunk at a time: each must be flushed to the client before the next exists.
+            for i in 0..50 {
+                let chunk = format!("chunk {i}\n");
+                s.write_all(&frame(Kind::Data, chunk.as_bytes())).unwrap();
+                sent += chunk.len();
+                let seen = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+                assert_eq!(seen, sent, "chunk {i} was not flushed while streaming");
+            }
+            // Then a burst of 200 frames in one write: no flush per frame needed.
+            let mut burst = Vec::new();
+            for _ in 0..200 {
+                burst.extend(frame(Kind::Data, &[b'x'; 100]));
+            }
+            burst.extend(frame(Kind::End, b""));
+            s.write_all(&burst).unwrap();
+        });
+        let mut client = FakeClient {
+            on_flush: Some(tx),
+            ..FakeClient::default()
+        };
+        let got = forward(&target(&daemon.path()), &environ(), &mut client).unwrap();
+        daemon.join();
+        assert_eq!(got, Outcome::Completed);
+        let expected: String = (0..50).map(|i| format!("chunk {i}\n")).collect();
+        assert!(client.out.starts_with(expected.as_bytes()));
+        assert_eq!(client.out.len(), expected.len() + 200 * 100);
+        assert_eq!(client.writes, 250);
+        assert!(client.flushes >= 51);
+        assert!(
+            client.flushes < 100,
+            "{} flushes for 250 frames",
+            client.flushes
+        );
+    }
+
+    #[test]
+    fn fail_before_headers_is_the_daemons_status() {
+        let daemon = Daemon::start(|mut s, _| {
+            s.write_all(&frame(Kind::Fail, &500u16.to_le_bytes()))
+                .unwrap();
+        });
+        let mut client = FakeClient::default();
+        let got = forward(&target(&daemon.path()), &environ(), &mut client).unwrap();
+        daemon.join();
+        assert_eq!(got, Outcome::DaemonStatus(500));
+        assert!(client.status.is_none());
+    }
+
+    #[test]
+    fn fail_after_headers_breaks_the_response() {
+        let daemon = Daemon::start(|mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[]);
+            all.extend(frame(Kind::Data, b"partial"));
+            all.extend(frame(Kind::Fail, &500u16.to_le_bytes()));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient::default();
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        assert!(
+            matches!(err, ProxyError::BrokenAfterHeaders { .. }),
+            "{err}"
+        );
+        assert!(err.headers_sent());
+        assert_eq!(client.out, b"partial");
+    }
+
+    fn run_error(script: impl FnOnce(UnixStream, Vec<u8>) + Send + 'static) -> ProxyError {
+        let daemon = Daemon::start(script);
+        let mut client = FakeClient::default();
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        err
+    }
+
+    #[test]
+    fn daemon_closing_before_headers_is_a_500() {
+        let err = run_error(|s, _| drop(s));
+        assert!(
+            matches!(
+                err,
+                ProxyError::TruncatedHeaders {
+                    why: TruncatedWhy::Closed,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.status(), 500);
+        assert!(!err.headers_sent());
+        assert_eq!(err.log_level(), Level::Error);
+        let text = err.to_string();
+        assert!(text.starts_with("WSGIRS0305: "), "{text}");
+        assert!(
+            text.contains(
+                "Truncated or oversized response headers received from daemon process 'site': \
+                 /srv/app.wsgi"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("closed the connection before sending headers"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn daemon_cut_mid_frame_before_headers() {
+        let err = run_error(|mut s, _| {
+            let full = headers_frame(b"200 OK", &[(b"A", b"b")]);
+            s.write_all(&full[..full.len() - 2]).unwrap();
+        });
+        assert!(
+            matches!(
+                err,
+                ProxyError::TruncatedHeaders {
+                    why: TruncatedWhy::CutMidFrame,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.status(), 500);
+    }
+
+    #[test]
+    fn daemon_closing_after_headers_breaks_the_response() {
+        let daemon = Daemon::start(|mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[]);
+            all.extend(frame(Kind::Data, b"some"));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient::default();
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        assert!(
+            matches!(err, ProxyError::BrokenAfterHeaders { .. }),
+            "{err:?}"
+        );
+        assert!(err.headers_sent());
+        assert_eq!(err.log_level(), Level::Error);
+        assert_eq!(client.status.as_deref(), Some(&b"200 OK"[..]));
+        assert_eq!(client.out, b"some");
+        let text = err.to_string();
+        assert!(text.starts_with("WSGIRS0320: "), "{text}");
+        assert!(
+            text.contains("'site'") && text.contains("/srv/app.wsgi"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn oversized_headers_frame() {
+        let daemon = Daemon::start(|mut s, _| {
+            let value = vec![b'v'; 10_000];
+            // The worker hangs up after the frame header: ignore the broken pipe.
+            let _ = s.write_all(&headers_frame(b"200 OK", &[(b"X-Big", &value)]));
+        });
+        let mut client = FakeClient::default();
+        let path = daemon.path();
+        let mut t = target(&path);
+        t.header_buffer_size = 8192;
+        let err = forward(&t, &environ(), &mut client).unwrap_err();
+        daemon.join();
+        assert!(
+            matches!(
+                err,
+                ProxyError::TruncatedHeaders {
+                    why: TruncatedWhy::Oversized { cap: 8192, .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.status(), 500);
+        let text = err.to_string();
+        assert!(
+            text.contains("Truncated or oversized response headers"),
+            "{text}"
+        );
+        assert!(
+            text.contains("exceeded header-buffer-size of 8192 bytes"),
+            "{text}"
+        );
+    }
+
+    fn malformed(status: &'static [u8], name: &'static [u8], value: &'static [u8]) -> String {
+        let err = run_error(move |mut s, _| {
+            let _ = s.write_all(&headers_frame(status, &[(name, value)]));
+        });
+        assert!(matches!(err, ProxyError::MalformedHeader { .. }), "{err:?}");
+        assert_eq!(err.status(), 500);
+        let text = err.to_string();
+        assert!(text.starts_with("WSGIRS0306: "), "{text}");
+        assert!(
+            text.contains("Malformed header from daemon process 'site'"),
+            "{text}"
+        );
+        text
+    }
+
+    #[test]
+    fn malformed_headers_are_refused() {
+        let text = malformed(b"200 OK", b"X-Split", b"a\r\nInjected: yes");
+        assert!(text.contains(r#""a\r\nInjected: yes""#), "{text}");
+        malformed(b"200 OK", b"X-Nul", b"a\0b");
+        malformed(b"200 OK", b"Bad Name", b"v");
+        malformed(b"200 OK", b"Bad:Name", b"v");
+        malformed(b"200 OK", b"", b"v");
+        let text = malformed(b"20 OK", b"A", b"b");
+        assert!(text.contains(r#"bad status line "20 OK""#), "{text}");
+        malformed(b"600 Nope", b"A", b"b");
+        malformed(b"099 Low", b"A", b"b");
+        malformed(b"200OK", b"A", b"b");
+        malformed(b"abc", b"A", b"b");
+        malformed(b"200 OK\r\nX: y", b"A", b"b");
+    }
+
+    #[test]
+    fn status_and_header_checks() {
+        assert!(check_status(b"200").is_ok());
+        assert!(check_status(b"200 OK").is_ok());
+        assert!(check_status(b"599 Whatever you like").is_ok());
+        assert!(check_status(b"100 Continue").is_ok());
+        assert!(check_status(b"").is_err());
+        assert!(check_status(b"2000 OK").is_err());
+        assert!(check_status(b"20").is_err());
+        assert!(check_header(b"Set-Cookie", b"a=1; Path=/").is_ok());
+        assert!(check_header(b"X-Latin", b"caf\xe9\tok").is_ok());
+        assert!(check_header(b"X", b"a\nb").is_err());
+        assert!(check_header(b"X\x7f", b"v").is_err());
+        let path = PathBuf::from("/nowhere");
+        let mut t = target(&path);
+        t.header_buffer_size = 0;
+        assert_eq!(t.header_cap(), DEFAULT_HEADER_BUFFER_SIZE);
+        t.header_buffer_size = 8192;
+        assert_eq!(t.header_cap(), 8192);
+        assert_eq!(escape(b"a\\\"\x01\xff"), r#""a\\\"\x01\xff""#);
+        assert!(escape(&[b'a'; 1000]).ends_with("… (1000 bytes in all)"));
+    }
+
+    #[test]
+    fn header_timeout_is_a_504() {
+        let (tx, rx) = mpsc::channel::<()>();
+        let daemon = Daemon::start(move |s, _| {
+            // Hold the connection, silent, until the test is done.
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            drop(s);
+        });
+        let mut client = FakeClient::default();
+        let path = daemon.path();
+        let mut t = target(&path);
+        t.socket_timeout = Duration::from_millis(200);
+        let start = Instant::now();
+        let err = forward(&t, &environ(), &mut client).unwrap_err();
+        let took = start.elapsed();
+        tx.send(()).unwrap();
+        daemon.join();
+        assert!(matches!(err, ProxyError::HeaderTimeout { .. }), "{err:?}");
+        assert_eq!(err.status(), 504);
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        let text = err.to_string();
+        assert!(text.starts_with("WSGIRS0304: "), "{text}");
+        assert!(
+            text.contains(
+                "Timeout when reading response headers from daemon process 'site': /srv/app.wsgi"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn missing_socket_is_a_503_at_once() {
+        let dir = TempDir::new();
+        let path = dir.socket();
+        let mut client = FakeClient::default();
+        let start = Instant::now();
+        let err = forward(&target(&path), &environ(), &mut client).unwrap_err();
+        assert!(start.elapsed() < Duration::from_millis(100));
+        assert!(
+            matches!(
+                err,
+                ProxyError::SocketUnavailable {
+                    errno: nix::errno::Errno::ENOENT,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.status(), 503);
+        let text = err.to_string();
+        assert!(text.starts_with("WSGIRS0302: "), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(
+            text.contains(&format!("uid {}", nix::unistd::geteuid())),
+            "{text}"
+        );
+        assert!(
+            text.contains("Unable to connect to WSGI daemon process 'site'"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn refused_connect_retries_until_connect_timeout() {
+        let dir = TempDir::new();
+        let path = dir.socket();
+        drop(UnixListener::bind(&path).unwrap()); // the file stays, nobody listens
+        let mut t = target(&path);
+        t.connect_timeout = Duration::from_millis(300);
+        let mut client = FakeClient::default();
+        let start = Instant::now();
+        let err = forward(&t, &environ(), &mut client).unwrap_err();
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_millis(1000), "{took:?}");
+        let ProxyError::Connect {
+            attempts, errno, ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert!(*attempts >= 4, "{attempts} attempts");
+        assert_eq!(*errno, nix::errno::Errno::ECONNREFUSED);
+        assert_eq!(err.status(), 503);
+        let text = err.to_string();
+        assert!(text.starts_with("WSGIRS0301: "), "{text}");
+        assert!(
+            text.contains(&format!(
+                "Unable to connect to WSGI daemon process 'site' on '{}' after multiple attempts",
+                path.display()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("Connection refused"), "{text}");
+    }
+
+    #[test]
+    fn full_backlog_is_retried_until_a_slot_frees() {
+        use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let dir = TempDir::new();
+        let path = dir.socket();
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        socket::bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        socket::listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        let listener = UnixListener::from(fd);
+        // Fill the backlog (0 on Linux admits one pending connection).
+        let filler = UnixStream::connect(&path).unwrap();
+        let thread = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(150));
+            let (first, _) = listener.accept().unwrap();
+            drop(first);
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            assert_eq!(
+                wire::read_frame(&mut s, &mut buf, 0).unwrap(),
+                Kind::Request
+            );
+            let mut all = headers_frame(b"204 No Content", &[]);
+            all.extend(frame(Kind::End, b""));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient::default();
+        let start = Instant::now();
+        let got = forward(&target(&path), &environ(), &mut client).unwrap();
+        thread.join().unwrap();
+        drop(filler);
+        assert_eq!(got, Outcome::Completed);
+        assert!(start.elapsed() >= Duration::from_millis(140));
+        assert_eq!(client.status.as_deref(), Some(&b"204 No Content"[..]));
+    }
+
+    fn client_read_error(error: ClientError) -> ProxyError {
+        let daemon = Daemon::start(|mut s, _| {
+            wire::write_frame(&mut s, Kind::ReadBody, &wire::encode_u32(65536)).unwrap();
+            // The worker drops the connection rather than inventing an end of body.
+            let mut buf = Vec::new();
+            let got = wire::read_frame(&mut s, &mut buf, 0);
+            assert!(matches!(got, Err(WireError::Closed)), "{got:?}");
+        });
+        let mut client = FakeClient {
+            body: b"never read".to_vec(),
+            read_error: Some(error),
+            ..FakeClient::default()
+        };
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        err
+    }
+
+    #[test]
+    fn client_read_error_is_a_400() {
+        let err = client_read_error(ClientError::Read("bad chunk header".into()));
+        assert!(matches!(err, ProxyError::ClientRead { .. }), "{err:?}");
+        assert_eq!(err.status(), 400);
+        assert_eq!(err.log_level(), Level::Info);
+        assert!(!err.headers_sent());
+        let text = err.to_string();
+        assert!(text.starts_with("WSGIRS0310: "), "{text}");
+        assert!(text.contains("bad chunk header"), "{text}");
+    }
+
+    #[test]
+    fn client_read_timeout_is_a_408() {
+        let err = client_read_error(ClientError::Timeout("no data for 60 s".into()));
+        assert!(matches!(err, ProxyError::ClientTimeout { .. }), "{err:?}");
+        assert_eq!(err.status(), 408);
+        assert_eq!(err.log_level(), Level::Info);
+    }
+
+    #[test]
+    fn client_gone_during_data() {
+        let daemon = Daemon::start(|mut s, _| {
+            let _ = s.write_all(&headers_frame(b"200 OK", &[]));
+            for _ in 0..10 {
+                if s.write_all(&frame(Kind::Data, &[b'y'; 1000])).is_err() {
+                    break;
+                }
+            }
+            let _ = s.write_all(&frame(Kind::End, b""));
+        });
+        let mut client = FakeClient {
+            gone_after: Some(2000),
+            ..FakeClient::default()
+        };
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        assert!(matches!(err, ProxyError::ClientGone { .. }), "{err:?}");
+        assert!(err.headers_sent());
+        assert!(err.is_client_fault());
+        assert_eq!(err.log_level(), Level::Info);
+        assert_eq!(client.out.len(), 2000);
+        assert!(err.to_string().starts_with("WSGIRS0312: "));
+    }
+
+    #[test]
+    fn wrong_frames_are_protocol_errors() {
+        let err = run_error(|mut s, _| {
+            let _ = s.write_all(&frame(Kind::Data, b"body before headers"));
+        });
+        assert!(matches!(err, ProxyError::Protocol { .. }), "{err:?}");
+        assert_eq!(err.status(), 502);
+        assert!(err.to_string().starts_with("WSGIRS0307: "));
+
+        let err = run_error(|mut s, _| {
+            let _ = s.write_all(&[42, 0, 0, 0, 0]);
+        });
+        assert!(matches!(err, ProxyError::Protocol { .. }), "{err:?}");
+        assert!(err.to_string().contains("unknown frame kind 42"));
+
+        let err = run_error(|mut s, _| {
+            let _ = s.write_all(&frame(Kind::End, b""));
+        });
+        assert_eq!(err.status(), 502);
+
+        let err = run_error(|mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[]);
+            all.extend(headers_frame(b"200 OK", &[]));
+            let _ = s.write_all(&all);
+        });
+        assert!(
+            matches!(err, ProxyError::BrokenAfterHeaders { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn oversized_environ_is_refused_before_connecting() {
+        let dir = TempDir::new();
+        let path = dir.socket();
+        let mut client = FakeClient::default();
+        let environ = vec![0u8; wire::MAX_ENVIRON + 1];
+        let err = forward(&target(&path), &environ, &mut client).unwrap_err();
+        assert!(matches!(err, ProxyError::EnvironTooLarge { .. }), "{err:?}");
+        assert_eq!(err.status(), 500);
+    }
+}
