@@ -4,12 +4,15 @@
 #![forbid(unsafe_code)]
 
 pub mod daemon_process;
+pub mod process_group;
+pub mod restrict;
 pub mod script_alias;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use daemon_process::ProcessGroupSpec;
+use restrict::RestrictList;
 use script_alias::ScriptAliasOptions;
 
 /// Per-directory settings (`<Directory>`, `<Location>`, `<Files>`, `.htaccess`, and the
@@ -22,6 +25,8 @@ pub struct DirConfig {
     pub pass_authorization: Option<bool>,
     pub script_reloading: Option<bool>,
     pub chunked_request: Option<bool>,
+    /// The innermost WSGIRestrictProcess list in force (inner lists replace outer ones).
+    pub restrict: Option<RestrictList>,
 }
 
 impl DirConfig {
@@ -43,6 +48,7 @@ impl DirConfig {
             pass_authorization: inner.pass_authorization.or(outer.pass_authorization),
             script_reloading: inner.script_reloading.or(outer.script_reloading),
             chunked_request: inner.chunked_request.or(outer.chunked_request),
+            restrict: inner.restrict.clone().or_else(|| outer.restrict.clone()),
         }
     }
 
@@ -161,6 +167,7 @@ fn groups() -> std::sync::MutexGuard<'static, Vec<DefinedGroup>> {
 
 pub fn reset_groups() {
     groups().clear();
+    literal_selections().clear();
 }
 
 pub fn define_group(group: DefinedGroup) -> Result<(), GroupTableError> {
@@ -197,6 +204,43 @@ pub fn check_literal_group(
 
 pub fn defined_groups() -> Vec<DefinedGroup> {
     groups().clone()
+}
+
+/// A literal `WSGIProcessGroup` value and where it was written, checked once all groups are
+/// known (a group may be defined after the line that selects it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiteralSelection {
+    pub group: String,
+    pub location: String,
+    pub server: ServerKey,
+}
+
+static LITERAL_SELECTIONS: Mutex<Vec<LiteralSelection>> = Mutex::new(Vec::new());
+
+fn literal_selections() -> std::sync::MutexGuard<'static, Vec<LiteralSelection>> {
+    LITERAL_SELECTIONS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn record_literal_selection(selection: LiteralSelection) {
+    literal_selections().push(selection);
+}
+
+/// Startup warnings for literal WSGIProcessGroup values that name no defined group.
+pub fn unconfigured_selections() -> Vec<String> {
+    let table = groups();
+    literal_selections()
+        .iter()
+        .filter(|sel| !table.iter().any(|g| g.spec.name == sel.group))
+        .map(|sel| {
+            format!(
+                "WSGIRS0173: WSGIProcessGroup '{}' at {}: WSGI process group not yet configured; \
+                 no WSGIDaemonProcess defines it, so requests there will get 500.",
+                sel.group, sel.location
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::ffi;
 use super::module::{guarded, module_config, server_key};
 use super::pool::{cstr_lossy, cstring, pstrdup};
 use crate::config::daemon_process::{parse_daemon_process, split_raw_args, SystemAccounts};
+use crate::config::restrict::RestrictList;
 use crate::config::script_alias::{parse_on_off, parse_script_alias};
 use crate::config::{self, AliasMatch, DefinedGroup, DirConfig, ScriptAlias, ServerConfig};
 
@@ -19,7 +20,7 @@ type RawArgs =
 
 /// The command table Apache reads (NULL-terminated). Raw pointers to static strings only.
 #[repr(transparent)]
-pub struct CommandTable(pub [ffi::command_rec; 14]);
+pub struct CommandTable(pub [ffi::command_rec; 15]);
 
 // SAFETY: the table is immutable and holds pointers to static, immutable C strings only.
 unsafe impl Sync for CommandTable {}
@@ -73,6 +74,12 @@ pub static COMMANDS: CommandTable = CommandTable([
         directive_take1,
         DIR,
         c"Name of the daemon process group to run scripts in.",
+    ),
+    raw(
+        c"WSGIRestrictProcess",
+        directive_raw,
+        DIR,
+        c"The daemon process groups that may be selected here: name ...",
     ),
     take1(
         c"WSGIApplicationGroup",
@@ -237,7 +244,16 @@ fn on_off(name: &str, value: &str) -> Result<Option<bool>, String> {
 
 fn apply_take1(name: &str, value: &str, target: &mut Target<'_>) -> Result<(), String> {
     match name {
-        "WSGIProcessGroup" => target.dir.process_group = Some(value.to_string()),
+        "WSGIProcessGroup" => {
+            if !value.contains("%{") {
+                config::record_literal_selection(config::LiteralSelection {
+                    group: value.to_string(),
+                    location: directive_location(target.cmd),
+                    server: target.key,
+                });
+            }
+            target.dir.process_group = Some(value.to_string());
+        }
         "WSGIApplicationGroup" => target.dir.application_group = Some(value.to_string()),
         "WSGICallableObject" => {
             if value.is_empty() {
@@ -317,7 +333,28 @@ fn apply_raw(name: &str, line: &str, target: &mut Target<'_>) -> Result<(), Stri
             });
             Ok(())
         }
+        "WSGIRestrictProcess" => {
+            let names = split_raw_args(line, usize::MAX);
+            target.dir.restrict = Some(RestrictList::new(&names));
+            Ok(())
+        }
         _ => Err(format!("WSGIRS0003: unknown directive {name}")),
+    }
+}
+
+/// "file:line" of the directive being read, for startup messages.
+fn directive_location(cmd: *mut ffi::cmd_parms) -> String {
+    // SAFETY: live cmd_parms; the directive node and its file name live in the config pool.
+    unsafe {
+        let directive = (*cmd).directive;
+        if directive.is_null() {
+            return "the configuration".to_string();
+        }
+        format!(
+            "{}:{}",
+            cstr_lossy((*directive).filename),
+            (*directive).line_num
+        )
     }
 }
 

@@ -315,6 +315,9 @@ unsafe fn start_daemons(
             home,
         });
     }
+    for warning in config::unconfigured_selections() {
+        log::server_log(main, Level::Warn, &warning);
+    }
     let registry = Arc::new(Registry { groups });
     daemon::publish_arc(Arc::clone(&registry));
     let owner = is_root.then_some((apache_uid, apache_gid));

@@ -155,9 +155,18 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
                 "WSGIRS0604: No daemon process groups are running in this Apache generation.",
             );
         };
-        let host = cstr_lossy((*(*r).server).server_hostname);
-        let group = match route::select(&registry, &group_value, &host, &script) {
-            Ok(group) => group,
+        let server_name = cstr_lossy((*(*r).server).server_hostname);
+        let htaccess_dirs = htaccess_dirs(r);
+        let vars = ApacheVars { r };
+        let request = route::RouteRequest {
+            configured: &group_value,
+            restrict: dir.restrict.as_ref(),
+            server_name: &server_name,
+            script: &script,
+            htaccess_dirs: &htaccess_dirs,
+        };
+        let group = match route::select(&registry, &request, &vars) {
+            Ok((group, _)) => group,
             Err(err) => return fail(r, u32::from(err.status()), &err.to_string()),
         };
 
@@ -196,11 +205,11 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
         let callable = options
             .and_then(|o| o.callable_object.clone())
             .unwrap_or_else(|| dir.callable_object().to_string());
-        let application_group = options
+        let application_group_value = options
             .and_then(|o| o.application_group.clone())
             .or_else(|| dir.application_group.clone())
-            .map(|g| route::expand(&g))
-            .unwrap_or_else(|| default_application_group(r));
+            .unwrap_or_else(|| "%{RESOURCE}".to_string());
+        let application_group = route::expand(&application_group_value, &vars).name;
         let pass_authorization = options
             .and_then(|o| o.pass_authorization)
             .or(dir.pass_authorization)
@@ -254,26 +263,81 @@ fn report(r: *mut ffi::request_rec, err: &ProxyError) -> c_int {
     }
 }
 
-/// `%{RESOURCE}`: the server name (with a non-default port) and the script's URL path.
+/// The directories whose .htaccess files Apache applied to this request (for audit lines).
 ///
 /// # Safety
 /// Live request.
-unsafe fn default_application_group(r: *mut ffi::request_rec) -> String {
-    // SAFETY: live request.
+unsafe fn htaccess_dirs(r: *mut ffi::request_rec) -> Vec<String> {
+    let mut dirs = Vec::new();
+    // SAFETY: r->htaccess is Apache's list of parsed .htaccess results for this request,
+    // allocated in a pool that outlives it.
     unsafe {
-        let host = cstr_lossy((*(*r).server).server_hostname);
-        let port = (*(*r).server).port;
-        let uri = cstr_lossy((*r).uri);
-        let path_info = cstr_lossy((*r).path_info);
-        let script_name = uri
-            .strip_suffix(path_info.as_str())
-            .unwrap_or(&uri)
-            .to_lowercase();
-        if port == 0 || port == 80 || port == 443 {
-            format!("{host}|{script_name}")
-        } else {
-            format!("{host}:{port}|{script_name}")
+        let mut entry = (*r).htaccess;
+        while !entry.is_null() {
+            if !(*entry).htaccess.is_null() {
+                dirs.push(cstr_lossy((*entry).dir));
+            }
+            entry = (*entry).next;
         }
+    }
+    dirs.reverse();
+    dirs
+}
+
+/// The request as `%{…}` templates see it.
+struct ApacheVars {
+    r: *mut ffi::request_rec,
+}
+
+impl ApacheVars {
+    fn table_get(&self, table: *mut ffi::apr_table_t, name: &str) -> Option<String> {
+        let key = cstring(name);
+        // SAFETY: a live request table; the value (if any) is a pool string.
+        let value = unsafe { ffi::apr_table_get(table, key.as_ptr()) };
+        // SAFETY: NULL or a NUL-terminated pool string.
+        (!value.is_null()).then(|| unsafe { cstr_lossy(value) })
+    }
+
+    /// `name` plus `:port` unless the port is 80 or 443.
+    fn with_port(&self, name: String) -> String {
+        // SAFETY: live request.
+        let port = unsafe { ffi::ap_get_server_port(self.r) };
+        if port == 80 || port == 443 || port == 0 {
+            name
+        } else {
+            format!("{name}:{port}")
+        }
+    }
+}
+
+impl route::RequestVars for ApacheVars {
+    fn note(&self, name: &str) -> Option<String> {
+        // SAFETY: live request.
+        self.table_get(unsafe { (*self.r).notes }, name)
+    }
+
+    fn request_env(&self, name: &str) -> Option<String> {
+        // SAFETY: live request.
+        self.table_get(unsafe { (*self.r).subprocess_env }, name)
+    }
+
+    fn server(&self) -> String {
+        // SAFETY: live request and server.
+        self.with_port(unsafe { cstr_lossy((*(*self.r).server).server_hostname) })
+    }
+
+    fn host(&self) -> String {
+        // SAFETY: live request; hostname is the Host header's name (or the server's).
+        self.with_port(unsafe { cstr_lossy((*self.r).hostname) })
+    }
+
+    fn script_name(&self) -> String {
+        // SAFETY: live request.
+        let (uri, path_info) =
+            unsafe { (cstr_lossy((*self.r).uri), cstr_lossy((*self.r).path_info)) };
+        uri.strip_suffix(path_info.as_str())
+            .unwrap_or(&uri)
+            .to_string()
     }
 }
 
