@@ -171,21 +171,21 @@ pub enum RouteError {
         group: String,
         script: String,
         allowed: String,
-        audit: Audit,
+        audit: Box<Audit>,
     },
     #[error(
         "WSGIRS0201: Embedded mode of mod_wsgi disabled by runtime configuration: {script} \
          (mod_wsgi_rs runs applications only in daemon process groups; set WSGIProcessGroup \
          or process-group= to a group defined with WSGIDaemonProcess) {audit}"
     )]
-    Embedded { script: String, audit: Audit },
+    Embedded { script: String, audit: Box<Audit> },
     #[error(
         "WSGIRS0202: No WSGI daemon process called '{group}' has been configured: {script} {audit}"
     )]
     Unknown {
         group: String,
         script: String,
-        audit: Audit,
+        audit: Box<Audit>,
     },
     #[error(
         "WSGIRS0203: Daemon process called '{group}' cannot be accessed by this WSGI application: \
@@ -197,7 +197,7 @@ pub enum RouteError {
         script: String,
         group_host: String,
         request_host: String,
-        audit: Audit,
+        audit: Box<Audit>,
     },
 }
 
@@ -216,10 +216,12 @@ pub fn select<'r>(
     let expansion = expand(request.configured, vars);
     let name = expansion.name.clone();
     let script = request.script.to_string();
-    let audit = || Audit {
-        expansion: expansion.clone(),
-        server_name: request.server_name.to_string(),
-        htaccess_dirs: request.htaccess_dirs.to_vec(),
+    let audit = || {
+        Box::new(Audit {
+            expansion: expansion.clone(),
+            server_name: request.server_name.to_string(),
+            htaccess_dirs: request.htaccess_dirs.to_vec(),
+        })
     };
     if let Some(list) = request.restrict {
         if !list.permits(&name) {
