@@ -773,3 +773,98 @@ fn handler_rules_and_group_selection() {
         assert_eq!(r.text(), want, "{path}");
     }
 }
+
+/// `apache2 -k graceful` and `-k restart` replace every daemon: the old processes are gone
+/// (reaped, not zombies), their socket files are removed, the new generation serves, and
+/// the socket is still mode 0600 and owned by Apache's worker user.
+#[test]
+fn graceful_and_restart_replace_daemons_without_leftovers() {
+    use std::os::unix::fs::MetadataExt;
+    let mut server = TestServer::start(
+        "WSGIDaemonProcess cycle processes=1 threads=2\n\
+         WSGIScriptAlias /whoami @APPS@/whoami.wsgi process-group=cycle\n",
+    );
+    let first = get_json(&server, "/whoami").u64_of("pid") as u32;
+    let sockets_before = server.socket_files();
+    assert_eq!(
+        sockets_before.len(),
+        1,
+        "one group, one socket: {sockets_before:?}"
+    );
+
+    for (round, how) in ["graceful", "restart"].iter().enumerate() {
+        if *how == "graceful" {
+            server.graceful();
+        } else {
+            server.restart();
+        }
+        let mut pid = first;
+        let served = wait_until(LOG_WAIT, || {
+            let r = server.get("/whoami");
+            if r.status == 200 {
+                pid = r.json().u64_of("pid") as u32;
+            }
+            r.status == 200 && pid != first
+        });
+        assert!(
+            served,
+            "round {round} ({how}): no new daemon served\n{}",
+            server.error_log()
+        );
+        assert!(!pid_alive(first), "the old daemon {first} survived a {how}");
+        let sockets = server.socket_files();
+        assert_eq!(
+            sockets.len(),
+            1,
+            "after {how}: stale or missing sockets {sockets:?}"
+        );
+        assert!(
+            !sockets_before.contains(&sockets[0]),
+            "the socket was not replaced on {how}"
+        );
+        let meta = std::fs::metadata(&sockets[0]).expect("socket metadata");
+        assert_eq!(meta.mode() & 0o777, 0o600, "socket mode after {how}");
+        assert_eq!(meta.uid(), default_ids().0, "socket owner after {how}");
+    }
+    let report = server.stop();
+    assert!(
+        report.survivors.is_empty(),
+        "survivors: {:?}",
+        report.survivors
+    );
+    assert!(server.socket_files().is_empty());
+}
+
+/// script-user=: a script owned by someone else is refused with 403 and a log line naming
+/// both owners; the group's own user's script runs.
+#[test]
+fn script_user_refuses_scripts_of_other_owners() {
+    require_root!();
+    let bob = require_user!("bob");
+    let server = TestServer::start(
+        "WSGIDaemonProcess owned processes=1 threads=2 script-user=bob\n\
+         WSGIScriptAlias /mine @ROOT@/bobs/hello.wsgi process-group=owned\n\
+         WSGIScriptAlias /theirs @APPS@/hello.wsgi process-group=owned\n\
+         <Directory @ROOT@/bobs>\n    Require all granted\n</Directory>\n",
+    );
+    let dir = server.root().join("bobs");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let script = dir.join("hello.wsgi");
+    std::fs::write(&script, app_source("hello.wsgi")).expect("write script");
+    let chown = std::process::Command::new("chown")
+        .arg(format!("{}", bob.uid))
+        .arg(&script)
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+
+    let r = server.get("/mine");
+    assert_status(&server, "/mine", &r, 200);
+    let r = server.get("/theirs");
+    assert_status(&server, "/theirs", &r, 403);
+    expect_log_line(
+        &server,
+        "only runs scripts of script-user 'bob'",
+        &with_id(&["hello.wsgi"]),
+    );
+}

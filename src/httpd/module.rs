@@ -236,6 +236,8 @@ unsafe fn start_daemons(
 
     // SAFETY: ptemp is live during post_config.
     let prefix = unsafe { socket_prefix(ptemp, main_config) }?;
+    // SAFETY: live main server.
+    let generation = unsafe { next_generation(main) };
     // SAFETY: reading the main server's Timeout.
     let apache_timeout =
         Duration::from_micros(u64::try_from(unsafe { (*main).timeout }).unwrap_or(60_000_000));
@@ -246,7 +248,7 @@ unsafe fn start_daemons(
         let socket_path = PathBuf::from(format!(
             "{prefix}.{}.{}.{index}.sock",
             std::process::id(),
-            generation()
+            generation
         ));
         let length = socket_path.as_os_str().len();
         if length > listener::MAX_SOCKET_PATH {
@@ -335,10 +337,25 @@ unsafe fn start_daemons(
     Ok(())
 }
 
-fn generation() -> u64 {
-    use std::sync::atomic::AtomicU64;
-    static GENERATION: AtomicU64 = AtomicU64::new(0);
-    GENERATION.fetch_add(1, Ordering::Relaxed)
+/// A counter of configuration generations, kept in the process pool because Apache unloads
+/// and reloads this module (and so resets its statics) on every restart. It makes each
+/// generation's socket paths unique.
+///
+/// # Safety
+/// `main` is the live main server.
+unsafe fn next_generation(main: *mut ffi::server_rec) -> usize {
+    const KEY: &std::ffi::CStr = c"mod_wsgi_rs.generation";
+    // SAFETY: the process pool lives as long as Apache; the value is a plain integer stored
+    // in the pointer, and apr_pool_userdata_set copies the key (our static string is
+    // unloaded with the module on restart).
+    unsafe {
+        let pool = (*(*main).process).pool;
+        let mut current: *mut c_void = ptr::null_mut();
+        ffi::apr_pool_userdata_get(&mut current, KEY.as_ptr(), pool);
+        let generation = current as usize;
+        ffi::apr_pool_userdata_set((generation + 1) as *const c_void, KEY.as_ptr(), None, pool);
+        generation
+    }
 }
 
 /// WSGISocketPrefix relative to ServerRoot, or `wsgi` in Apache's runtime directory.
