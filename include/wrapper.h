@@ -12,6 +12,9 @@
 #include <unixd.h>
 #include <util_script.h>
 #include <util_filter.h>
+#include <scoreboard.h>
+#include <apr_shm.h>
+#include <apr_portable.h>
 #include <apr_pools.h>
 #include <apr_strings.h>
 #include <apr_tables.h>

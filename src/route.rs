@@ -54,18 +54,29 @@ impl fmt::Display for Origin {
 pub struct Expansion {
     pub name: String,
     pub configured: String,
-    /// The `%{ENV:NAME}` variable that supplied the value, and where it was found.
-    pub variable: Option<(String, Origin)>,
+    /// The `%{ENV:NAME}` variable that supplied the value.
+    pub variable: Option<Variable>,
+}
+
+/// An `%{ENV:NAME}` lookup: the variable, where it was found, and its raw value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variable {
+    pub name: String,
+    pub origin: Origin,
+    pub value: String,
 }
 
 impl fmt::Display for Expansion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "configured value '{}'", self.configured)?;
-        if let Some((variable, origin)) = &self.variable {
-            if *origin == Origin::Unset {
-                write!(f, ", {variable} is not set")?;
+        if let Some(var) = &self.variable {
+            if var.origin == Origin::Unset {
+                write!(f, ", {} is not set", var.name)?;
             } else {
-                write!(f, ", {variable}='{}' from {origin}", self.name)?;
+                write!(f, ", {}='{}' from {}", var.name, var.value, var.origin)?;
+                if var.value != self.name {
+                    write!(f, ", expanded to '{}'", self.name)?;
+                }
             }
         }
         Ok(())
@@ -86,7 +97,7 @@ pub fn expand(configured: &str, vars: &dyn RequestVars) -> Expansion {
 fn expand_value(
     value: &str,
     vars: &dyn RequestVars,
-    variable: &mut Option<(String, Origin)>,
+    variable: &mut Option<Variable>,
     may_recurse: bool,
 ) -> String {
     match GroupTemplate::parse(value) {
@@ -105,7 +116,11 @@ fn expand_value(
                 .or_else(|| std::env::var(name).ok().map(|v| (v, Origin::ProcessEnv)));
             match found {
                 Some((found, origin)) => {
-                    *variable = Some((name.to_string(), origin));
+                    *variable = Some(Variable {
+                        name: name.to_string(),
+                        origin,
+                        value: found.clone(),
+                    });
                     // One more expansion of e.g. "%{SERVER}", never of another %{ENV:…}
                     // (which could loop or chain through variables a user controls).
                     if may_recurse && found.starts_with("%{") && !found.starts_with("%{ENV") {
@@ -115,7 +130,11 @@ fn expand_value(
                     }
                 }
                 None => {
-                    *variable = Some((name.to_string(), Origin::Unset));
+                    *variable = Some(Variable {
+                        name: name.to_string(),
+                        origin: Origin::Unset,
+                        value: String::new(),
+                    });
                     value.to_string()
                 }
             }
@@ -306,6 +325,8 @@ mod tests {
 
     fn group(name: &str, scope: Option<&str>) -> GroupRuntime {
         GroupRuntime {
+            index: 0,
+            worker_uid: 33,
             spec: ProcessGroupSpec::new(name),
             scope: scope.map(str::to_string),
             socket_path: PathBuf::from(format!("/run/{name}.sock")),
@@ -359,14 +380,21 @@ mod tests {
         );
         let e = expand("%{ENV:PG}", &vars);
         assert_eq!(e.name, "bob:2");
-        assert_eq!(e.variable, Some(("PG".into(), Origin::RequestEnv)));
+        assert_eq!(
+            e.variable,
+            Some(Variable {
+                name: "PG".into(),
+                origin: Origin::RequestEnv,
+                value: "bob:2".into()
+            })
+        );
         // A found %{…} value is expanded once more, but never another %{ENV:…}.
         assert_eq!(expand("%{ENV:TWICE}", &vars).name, "www.site.com:8080");
         assert_eq!(expand("%{ENV:LOOP}", &vars).name, "%{ENV:PG}");
         // Unset: the literal text becomes the name.
         let unset = expand("%{ENV:NOPE_NOT_SET_ANYWHERE}", &vars);
         assert_eq!(unset.name, "%{ENV:NOPE_NOT_SET_ANYWHERE}");
-        assert_eq!(unset.variable.unwrap().1, Origin::Unset);
+        assert_eq!(unset.variable.unwrap().origin, Origin::Unset);
         // Anything else is literal, including partial templates.
         assert_eq!(expand("bob:1", &vars).name, "bob:1");
         assert_eq!(expand("%{ENV:PG}-x", &vars).name, "%{ENV:PG}-x");
@@ -379,10 +407,10 @@ mod tests {
         vars.notes.insert("PG".into(), "from-notes".into());
         let e = expand("%{ENV:PG}", &vars);
         assert_eq!(e.name, "from-notes");
-        assert_eq!(e.variable.unwrap().1, Origin::Notes);
+        assert_eq!(e.variable.unwrap().origin, Origin::Notes);
         // PATH is set in every test process and in no request table here.
         let e = expand("%{ENV:PATH}", &Vars::default());
-        assert_eq!(e.variable.unwrap().1, Origin::ProcessEnv);
+        assert_eq!(e.variable.unwrap().origin, Origin::ProcessEnv);
     }
 
     #[test]
@@ -487,7 +515,19 @@ mod tests {
         let vars = env(&[("PG", "%{SERVER}")]);
         let (g, e) = select(&reg, &request("%{ENV:PG}", None), &vars).unwrap();
         assert_eq!(g.spec.name, "www.site.com:8080");
-        assert_eq!(e.variable.unwrap().0, "PG");
+        let var = e.variable.unwrap();
+        assert_eq!((var.name.as_str(), var.value.as_str()), ("PG", "%{SERVER}"));
+        let err = select(
+            &reg,
+            &request("%{ENV:PG}", Some(&RestrictList::new(&["bob:1"]))),
+            &vars,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("PG='%{SERVER}'") && err.contains("expanded to 'www.site.com:8080'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -73,10 +73,11 @@ pub enum AliasMatch {
 /// How many bytes of `uri` a `WSGIScriptAlias` location matches, on whole path segments; the
 /// rest of the URI becomes PATH_INFO. A trailing slash on the location is not required in the
 /// URI, so `/` mounts an application on the whole site with an empty SCRIPT_NAME.
-pub fn match_prefix(location: &str, uri: &str) -> Option<usize> {
-    let location = location.trim_end_matches('/');
+/// Works on bytes: a URI is not necessarily UTF-8 (`%ff` decodes to a lone byte).
+pub fn match_prefix(location: &str, uri: &[u8]) -> Option<usize> {
+    let location = location.trim_end_matches('/').as_bytes();
     let rest = uri.strip_prefix(location)?;
-    (rest.is_empty() || rest.starts_with('/')).then_some(location.len())
+    (rest.is_empty() || rest.starts_with(b"/")).then_some(location.len())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +185,7 @@ pub fn check_literal_group(
     directive: &str,
     group: &str,
     from: ServerKey,
+    same_server_name: impl Fn(ServerKey, ServerKey) -> bool,
 ) -> Result<(), GroupTableError> {
     if group.contains("%{") {
         return Ok(());
@@ -194,10 +196,13 @@ pub fn check_literal_group(
             directive: directive.to_string(),
             group: group.to_string(),
         }),
-        Some(g) if g.server.is_virtual && g.server != from => Err(GroupTableError::NotAccessible {
-            directive: directive.to_string(),
-            group: group.to_string(),
-        }),
+        // The runtime rule: a vhost's group serves every vhost with the same ServerName.
+        Some(g) if g.server.is_virtual && g.server != from && !same_server_name(g.server, from) => {
+            Err(GroupTableError::NotAccessible {
+                directive: directive.to_string(),
+                group: group.to_string(),
+            })
+        }
         Some(_) => Ok(()),
     }
 }
@@ -270,13 +275,14 @@ mod tests {
 
     #[test]
     fn prefix_matches_whole_segments() {
-        assert_eq!(match_prefix("/", "/"), Some(0));
-        assert_eq!(match_prefix("/", "/a/b"), Some(0));
-        assert_eq!(match_prefix("/app", "/app"), Some(4));
-        assert_eq!(match_prefix("/app", "/app/x"), Some(4));
-        assert_eq!(match_prefix("/app/", "/app"), Some(4));
-        assert_eq!(match_prefix("/app", "/apple"), None);
-        assert_eq!(match_prefix("/app", "/other"), None);
+        assert_eq!(match_prefix("/", b"/"), Some(0));
+        assert_eq!(match_prefix("/", b"/a/b"), Some(0));
+        assert_eq!(match_prefix("/app", b"/app"), Some(4));
+        assert_eq!(match_prefix("/app", b"/app/x"), Some(4));
+        assert_eq!(match_prefix("/app/", b"/app"), Some(4));
+        assert_eq!(match_prefix("/app", b"/apple"), None);
+        assert_eq!(match_prefix("/app", b"/other"), None);
+        assert_eq!(match_prefix("/m", b"/m/\xff/x"), Some(2));
     }
 
     #[test]
@@ -338,17 +344,19 @@ mod tests {
             }),
             Err(GroupTableError::Duplicate("a:1".into()))
         );
-        assert!(check_literal_group("WSGIScriptAlias", "global", vhost_b).is_ok());
-        assert!(check_literal_group("WSGIScriptAlias", "a:1", vhost_a).is_ok());
+        assert!(check_literal_group("WSGIScriptAlias", "global", vhost_b, |_, _| false).is_ok());
+        assert!(check_literal_group("WSGIScriptAlias", "a:1", vhost_a, |_, _| false).is_ok());
         assert!(matches!(
-            check_literal_group("WSGIScriptAlias", "a:1", vhost_b),
+            check_literal_group("WSGIScriptAlias", "a:1", vhost_b, |_, _| false),
             Err(GroupTableError::NotAccessible { .. })
         ));
+        // Another vhost with the same ServerName (e.g. the :443 one) may use it.
+        assert!(check_literal_group("WSGIScriptAlias", "a:1", vhost_b, |_, _| true).is_ok());
         assert!(matches!(
-            check_literal_group("WSGIScriptAlias", "nope", main),
+            check_literal_group("WSGIScriptAlias", "nope", main, |_, _| false),
             Err(GroupTableError::NotYetConfigured { .. })
         ));
-        assert!(check_literal_group("WSGIScriptAlias", "%{ENV:X}", main).is_ok());
+        assert!(check_literal_group("WSGIScriptAlias", "%{ENV:X}", main, |_, _| false).is_ok());
         let message = GroupTableError::Duplicate("a:1".into()).to_string();
         assert!(message.contains("Name duplicates previous WSGI daemon definition."));
         reset_groups();

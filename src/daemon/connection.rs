@@ -51,6 +51,11 @@ impl Connection {
         }
     }
 
+    /// Body pulls may wait as long as the client takes; the worker enforces that deadline.
+    pub fn clear_read_timeout(&mut self) {
+        let _ = self.stream.set_read_timeout(None);
+    }
+
     /// Sets the body length from CONTENT_LENGTH (None for a chunked body).
     pub fn set_content_length(&mut self, length: Option<u64>) {
         self.body_left = length;

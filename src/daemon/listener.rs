@@ -5,9 +5,10 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use nix::fcntl::{AtFlags, AT_FDCWD};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use nix::unistd::{self, Gid, Uid};
 
@@ -24,6 +25,9 @@ pub fn create(path: &Path, backlog: u32, owner: Option<(u32, u32)>) -> io::Resul
     }
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
+        if owner.is_some() {
+            check_directory(dir)?;
+        }
     }
     let fd = socket::socket(
         AddressFamily::Unix,
@@ -36,12 +40,74 @@ pub fn create(path: &Path, backlog: u32, owner: Option<(u32, u32)>) -> io::Resul
     // Restrict before anyone can connect: listen() comes after the mode and owner are set.
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     if let Some((uid, gid)) = owner {
-        unistd::chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
+        // Never follow a symlink planted in place of the socket: root would hand its target
+        // to the worker user.
+        unistd::fchownat(
+            AT_FDCWD,
+            path,
+            Some(Uid::from_raw(uid)),
+            Some(Gid::from_raw(gid)),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
     }
     let backlog =
         Backlog::new(i32::try_from(backlog).unwrap_or(i32::MAX).max(1)).map_err(io::Error::from)?;
     socket::listen(&fd, backlog)?;
     Ok(fd)
+}
+
+/// As root, the socket directory must be root's and writable by nobody else: otherwise another
+/// user could swap the socket for a symlink or their own listener.
+fn check_directory(dir: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the socket directory {} must be a directory owned by root and not writable by \
+                 group or others (it is uid {}, mode {:o}); choose another WSGISocketPrefix",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes sockets under `prefix` left by Apache parents that no longer exist (their names
+/// carry the parent's pid: `<prefix>.<pid>.<generation>.<index>.sock`), e.g. after a crash.
+pub fn remove_stale(prefix: &Path) {
+    let (Some(dir), Some(base)) = (prefix.parent(), prefix.file_name().and_then(|b| b.to_str()))
+    else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(base))
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            continue;
+        };
+        if !rest.ends_with(".sock") {
+            continue;
+        }
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if gone && pid != std::process::id() as i32 {
+            remove(&entry.path());
+        }
+    }
 }
 
 /// Removes the socket file, ignoring a file that is already gone.
@@ -60,11 +126,6 @@ pub fn borrow_inherited(fd: RawFd) -> BorrowedFd<'static> {
 pub fn own_accepted(fd: RawFd) -> OwnedFd {
     // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
     unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-/// Closes an inherited listener in a process that must not accept on it.
-pub fn close_inherited(fd: RawFd) {
-    let _ = unistd::close(fd);
 }
 
 #[cfg(test)]

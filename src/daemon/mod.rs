@@ -4,6 +4,7 @@
 
 pub mod connection;
 pub mod listener;
+pub mod origin;
 pub mod privileges;
 pub mod spawn;
 pub mod supervisor;
@@ -18,6 +19,8 @@ use crate::config::daemon_process::ProcessGroupSpec;
 /// One daemon group as every process of this generation sees it.
 #[derive(Debug, Clone)]
 pub struct GroupRuntime {
+    /// Position in the registry (and in the origin secrets table).
+    pub index: usize,
     pub spec: ProcessGroupSpec,
     /// ServerName of the `<VirtualHost>` that defined it; None for a global group.
     pub scope: Option<String>,
@@ -27,6 +30,8 @@ pub struct GroupRuntime {
     /// The identity the daemons run as, resolved at startup.
     pub identity: privileges::Identity,
     pub home: PathBuf,
+    /// Apache's worker uid: the only non-root peer a daemon accepts requests from.
+    pub worker_uid: u32,
 }
 
 /// All groups of the current generation, in definition order.

@@ -1,7 +1,25 @@
 //! fork() for daemon processes. The child never returns into Apache: it runs the daemon and
 //! leaves with _exit, so no Apache pool cleanup or atexit handler of the parent runs twice.
 
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Closes every descriptor of this process except `keep` (in a freshly forked daemon).
+pub fn close_inherited_except(keep: &[RawFd]) {
+    let open: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect(),
+        Err(_) => return,
+    };
+    // read_dir's own descriptor is closed by now; closing it again would only fail.
+    for fd in open.into_iter().filter(|fd| !keep.contains(fd)) {
+        // SAFETY: this single-threaded child owns all its descriptors, and nothing that
+        // will run in it refers to the ones being closed.
+        unsafe { libc::close(fd) };
+    }
+}
 
 /// What the parent learns from a fork.
 pub enum Forked {

@@ -25,7 +25,8 @@ use crate::wsgi_log;
 #[derive(Clone, Copy)]
 pub struct ParentHooks {
     pub watch: fn(pid: i32, slot: usize),
-    pub in_child: fn(),
+    /// Returns the inherited descriptors the daemon must keep (the error logs).
+    pub in_child: fn() -> Vec<i32>,
 }
 
 struct Slot {
@@ -73,14 +74,19 @@ pub fn start(
             (Some(account), Some(_)) => Some((account.uid, account.gid)),
             (_, owner) => owner,
         };
-        let fd = listener::create(path, group.spec.listen_backlog, owner).map_err(|e| {
-            DaemonError::Socket {
-                group: group.spec.name.clone(),
-                path: path_text.clone(),
-                cause: e.to_string(),
+        match listener::create(path, group.spec.listen_backlog, owner) {
+            Ok(fd) => listeners.push(fd),
+            Err(e) => {
+                for created in &registry.groups[..listeners.len()] {
+                    listener::remove(&created.socket_path);
+                }
+                return Err(DaemonError::Socket {
+                    group: group.spec.name.clone(),
+                    path: path_text,
+                    cause: e.to_string(),
+                });
             }
-        })?;
-        listeners.push(fd);
+        }
     }
     let mut slots = Vec::new();
     for (index, group) in registry.groups.iter().enumerate() {
@@ -116,25 +122,21 @@ impl Supervisor {
         let group_index = self.slots[slot].group;
         let group = self.registry.groups[group_index].clone();
         let listen_fd = self.listeners[group_index].as_raw_fd();
-        let other_fds: Vec<_> = self
-            .listeners
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != group_index)
-            .map(|(_, fd)| fd.as_raw_fd())
-            .collect();
         let delay = self.slots[slot].backoff;
         let in_child = self.hooks.in_child;
+        let parent_pid = self.parent_pid;
         let forked = fork_daemon(move || {
-            in_child();
-            // A daemon must never accept another group's requests.
-            for fd in other_fds {
-                listener::close_inherited(fd);
-            }
+            let mut keep = in_child();
+            super::origin::forget_secrets_except(group_index);
+            // A daemon must never accept another group's requests, nor hold anything else of
+            // Apache's: keep stdio, the error logs and our own listener only.
+            keep.extend([0, 1, 2, listen_fd]);
+            super::spawn::close_inherited_except(&keep);
             worker::run(DaemonContext {
                 group,
                 listen_fd,
                 start_delay: delay,
+                parent_pid,
             })
         })
         .map_err(|e| DaemonError::Fork {
@@ -236,7 +238,10 @@ pub fn stop_all() {
         if let Some(pid) = slot.pid {
             let pid = Pid::from_raw(pid);
             if kill(pid, Signal::SIGTERM).is_ok() {
-                let timeout = supervisor.registry.groups[slot.group].spec.shutdown_timeout;
+                // One second more than the daemon gives its own threads, so a daemon that
+                // finishes in time exits by itself and logs it.
+                let timeout = supervisor.registry.groups[slot.group].spec.shutdown_timeout
+                    + Duration::from_secs(1);
                 running.push((pid, timeout));
             }
         }

@@ -18,12 +18,18 @@ use nix::sys::socket::{accept4, SockFlag};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{self, chdir};
 
+use nix::sys::socket::getsockopt;
+use nix::sys::socket::sockopt::PeerCredentials;
+
+use super::connection::Connection;
 use super::listener;
+use super::origin;
 use super::privileges::{self, System};
 use super::supervisor::EXIT_SETUP_FAILED;
 use super::GroupRuntime;
 use crate::logging::Level;
 use crate::python;
+use crate::wire::{self, Kind};
 use crate::wsgi_log;
 
 pub struct DaemonContext {
@@ -31,6 +37,8 @@ pub struct DaemonContext {
     pub listen_fd: RawFd,
     /// Back-off before starting, after a crash loop.
     pub start_delay: Duration,
+    /// Apache's parent: if it dies, so do we (no orphaned daemons).
+    pub parent_pid: u32,
 }
 
 /// The signals Apache uses to stop and restart; a daemon treats each as "stop gracefully".
@@ -90,6 +98,12 @@ pub fn run(ctx: DaemonContext) -> i32 {
     if let Err(message) = become_daemon_user(&ctx.group) {
         wsgi_log!(Level::Alert, "{message}");
         return EXIT_SETUP_FAILED;
+    }
+    // Set after the uid change (which clears it); then make sure the parent did not die
+    // before it took effect.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
+    if unistd::getppid().as_raw() as u32 != ctx.parent_pid {
+        return 0;
     }
     // lang= and locale= shape how Python decodes and encodes text; set before it starts.
     // Only the signal thread exists now and it never reads the environment.
@@ -193,7 +207,7 @@ fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime) {
         match accept4(listen_fd, SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => {
                 let stream = UnixStream::from(listener::own_accepted(fd));
-                python::serve_connection(stream, group);
+                serve_connection(stream, group);
             }
             // Another process or thread took the connection first.
             Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => {}
@@ -206,6 +220,47 @@ fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime) {
             }
         }
     }
+}
+
+/// Reads the request, checks where it came from, and hands it to Python.
+fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
+    let name = &group.spec.name;
+    let refuse = |why: &dyn std::fmt::Display| {
+        wsgi_log!(
+            Level::Error,
+            "WSGIRS0441: [{name}] Request origin could not be validated: {why}. Connection dropped."
+        );
+    };
+    let peer_uid = match getsockopt(&stream, PeerCredentials) {
+        Ok(cred) => cred.uid(),
+        Err(err) => return refuse(&format_args!("SO_PEERCRED failed: {err}")),
+    };
+    if let Err(err) = origin::check_peer(peer_uid, group.worker_uid) {
+        return refuse(&err);
+    }
+    // The worker sends its request at once; an idle connection must not hold a thread.
+    let _ = stream.set_read_timeout(Some(group.socket_timeout.max(Duration::from_secs(1))));
+    let mut conn = Connection::new(stream);
+    let payload = match conn.read_request() {
+        Ok(payload) => payload,
+        Err(err) => {
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0442: [{name}] Could not read the request from the Apache worker: {err}"
+            );
+            return;
+        }
+    };
+    let pairs: Vec<(&[u8], &[u8])> = match wire::pairs(Kind::Request, &payload).collect() {
+        Ok(pairs) => pairs,
+        Err(err) => return refuse(&format_args!("malformed request: {err}")),
+    };
+    let secret = origin::secret_for(group.index).unwrap_or([0; origin::SECRET_LEN]);
+    if let Err(err) = origin::check_request(&pairs, &secret, name) {
+        return refuse(&err);
+    }
+    conn.clear_read_timeout();
+    python::serve(conn, &pairs[1..], group);
 }
 
 /// "Stop now", set by the signal thread and seen by every accept thread through a pipe that

@@ -161,9 +161,18 @@ pub static COMMANDS: CommandTable = CommandTable([
 /// What a directive may change, borrowed from httpd for the duration of one call.
 struct Target<'a> {
     dir: &'a mut DirConfig,
-    server: &'a mut ServerConfig,
     key: config::ServerKey,
     cmd: *mut ffi::cmd_parms,
+}
+
+impl Target<'_> {
+    /// The server's config, for server-context directives only: `.htaccess` files are read
+    /// by many worker threads at once and must never get a mutable view of it.
+    fn server(&mut self) -> &mut ServerConfig {
+        // SAFETY: only called from RSRC_CONF directives, which Apache processes while reading
+        // the main configuration, in one thread; the slot holds our ServerConfig.
+        unsafe { &mut *module_config::<ServerConfig>((*(*self.cmd).server).module_config) }
+    }
 }
 
 /// # Safety
@@ -180,10 +189,8 @@ unsafe fn with_target(
             // the server's slot holds our ServerConfig.
             unsafe {
                 let name = cstr_lossy((*(*cmd).cmd).name);
-                let server = &mut *module_config::<ServerConfig>((*(*cmd).server).module_config);
                 let mut target = Target {
                     dir: &mut *mconfig.cast::<DirConfig>(),
-                    server,
                     key: server_key((*cmd).server),
                     cmd,
                 };
@@ -266,7 +273,7 @@ fn apply_take1(name: &str, value: &str, target: &mut Target<'_>) -> Result<(), S
         "WSGIChunkedRequest" => target.dir.chunked_request = on_off(name, value)?,
         "WSGISocketPrefix" => {
             check_global(target)?;
-            target.server.socket_prefix = Some(value.to_string());
+            target.server().socket_prefix = Some(value.to_string());
         }
         "WSGIPythonHome" => {
             check_global(target)?;
@@ -275,7 +282,7 @@ fn apply_take1(name: &str, value: &str, target: &mut Target<'_>) -> Result<(), S
                     "WSGIRS0181: WSGIPythonHome '{value}': expected an absolute path."
                 ));
             }
-            target.server.python_home = Some(PathBuf::from(value));
+            target.server().python_home = Some(PathBuf::from(value));
         }
         "WSGIPythonPath" => {
             check_global(target)?;
@@ -290,7 +297,7 @@ fn apply_take1(name: &str, value: &str, target: &mut Target<'_>) -> Result<(), S
                     bad.display()
                 ));
             }
-            target.server.python_path = entries;
+            target.server().python_path = entries;
         }
         "WSGIRestrictEmbedded" => {
             check_global(target)?;
@@ -319,14 +326,15 @@ fn apply_raw(name: &str, line: &str, target: &mut Target<'_>) -> Result<(), Stri
             let (location, script, options) =
                 parse_script_alias(name, &args).map_err(|e| e.to_string())?;
             if let Some(group) = &options.process_group {
-                config::check_literal_group(name, group, target.key).map_err(|e| e.to_string())?;
+                config::check_literal_group(name, group, target.key, same_server_name)
+                    .map_err(|e| e.to_string())?;
             }
             let matcher = if name == "WSGIScriptAliasMatch" {
                 compile_regex(target, name, &location)?
             } else {
                 AliasMatch::Prefix(location)
             };
-            target.server.script_aliases.push(ScriptAlias {
+            target.server().script_aliases.push(ScriptAlias {
                 matcher,
                 script,
                 options,
@@ -340,6 +348,17 @@ fn apply_raw(name: &str, line: &str, target: &mut Target<'_>) -> Result<(), Stri
         }
         _ => Err(format!("WSGIRS0003: unknown directive {name}")),
     }
+}
+
+/// Whether two server blocks have the same ServerName (so far in the configuration).
+fn same_server_name(a: config::ServerKey, b: config::ServerKey) -> bool {
+    // SAFETY: ServerKey ids are addresses of server_recs of the configuration being read,
+    // alive in pconf for the whole pass.
+    let name = |key: config::ServerKey| unsafe {
+        cstr_lossy((*(key.id as *const ffi::server_rec)).server_hostname)
+    };
+    let (a, b) = (name(a), name(b));
+    !a.is_empty() && a == b
 }
 
 /// "file:line" of the directive being read, for startup messages.

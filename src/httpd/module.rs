@@ -3,6 +3,7 @@
 //! Apache calls catches panics.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::ptr;
@@ -168,6 +169,7 @@ unsafe extern "C" fn post_config(
             return ffi::OK as c_int;
         }
         log::install(s);
+        MAIN_SERVER_FOR_CHILD.store(s, Ordering::Release);
         PCONF.store(pconf, Ordering::Release);
         // SAFETY: live pools and server chain for the duration of post_config.
         match unsafe { start_daemons(pconf, ptemp, s) } {
@@ -304,6 +306,8 @@ unsafe fn start_daemons(
             spec.python_home = main_config.python_home.clone();
         }
         groups.push(GroupRuntime {
+            index,
+            worker_uid: run_uid,
             socket_timeout: spec.socket_timeout.unwrap_or(apache_timeout),
             spec,
             scope,
@@ -320,20 +324,29 @@ unsafe fn start_daemons(
     for warning in config::unconfigured_selections() {
         log::server_log(main, Level::Warn, &warning);
     }
+    let secrets = (0..groups.len())
+        .map(|_| daemon::origin::new_secret())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            format!("WSGIRS0406: Cannot read random bytes for the daemon origin secrets: {e}")
+        })?;
+    daemon::origin::install_secrets(secrets);
     let registry = Arc::new(Registry { groups });
     daemon::publish_arc(Arc::clone(&registry));
     let owner = is_root.then_some((apache_uid, apache_gid));
+    listener::remove_stale(std::path::Path::new(&prefix));
+    // Registered first, so daemons forked before a failure part-way are still stopped.
+    // SAFETY: pconf is live; the cleanup runs when Apache restarts or stops.
+    unsafe { on_cleanup(pconf, Box::new(supervisor::stop_all)) };
     supervisor::start(
         registry,
         supervisor::ParentHooks {
             watch: children::watch,
-            in_child: close_apache_listeners,
+            in_child: prepare_daemon_child,
         },
         owner,
     )
     .map_err(|e| e.to_string())?;
-    // SAFETY: pconf is live; the cleanup runs when Apache restarts or stops.
-    unsafe { on_cleanup(pconf, Box::new(supervisor::stop_all)) };
     Ok(())
 }
 
@@ -384,11 +397,44 @@ unsafe fn socket_prefix(
     Ok(unsafe { cstr_lossy(raw) })
 }
 
-/// In a freshly forked daemon: Apache's HTTP listeners belong to Apache, not to us.
-fn close_apache_listeners() {
+/// In a freshly forked daemon, before it drops root: give up what belongs to Apache (its
+/// HTTP listeners, the scoreboard shared with the workers) and say which inherited
+/// descriptors to keep (the error logs). Everything else is closed by the caller, so a
+/// user's app cannot write the MPM's pipe of death, the access logs or the scoreboard.
+fn prepare_daemon_child() -> Vec<RawFd> {
     // SAFETY: closes the listener sockets this forked process inherited.
     unsafe { ffi::ap_close_listeners() };
+    // SAFETY: the scoreboard image was set up by the parent before forking us; its `global`
+    // block is the start of the shared mapping, ap_calc_scoreboard_size() bytes long. We
+    // unmap the whole pages it covers; nothing in a daemon touches the scoreboard.
+    unsafe {
+        let image = ffi::ap_scoreboard_image;
+        if !image.is_null() && !(*image).global.is_null() {
+            let base = (*image).global as usize;
+            let size = usize::try_from(ffi::ap_calc_scoreboard_size()).unwrap_or(0);
+            let page = 4096;
+            let start = base & !(page - 1);
+            libc::munmap(start as *mut c_void, base + size - start);
+        }
+    }
+    let mut keep = Vec::new();
+    let mut server = MAIN_SERVER_FOR_CHILD.load(Ordering::Acquire);
+    while !server.is_null() {
+        // SAFETY: walking the inherited server list; error_log is an apr_file_t or NULL.
+        unsafe {
+            let log = (*server).error_log;
+            let mut fd: ffi::apr_os_file_t = -1;
+            if !log.is_null() && ffi::apr_os_file_get(&mut fd, log) == 0 && fd >= 0 {
+                keep.push(fd);
+            }
+            server = (*server).next;
+        }
+    }
+    keep
 }
+
+/// The main server, for walking the server list in a forked daemon.
+static MAIN_SERVER_FOR_CHILD: AtomicPtr<ffi::server_rec> = AtomicPtr::new(ptr::null_mut());
 
 unsafe extern "C" fn child_init(_pchild: *mut ffi::apr_pool_t, _s: *mut ffi::server_rec) {
     guarded((), supervisor::close_listeners_in_worker);

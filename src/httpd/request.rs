@@ -33,12 +33,12 @@ unsafe fn translate(r: *mut ffi::request_rec) -> c_int {
         if uri_ptr.is_null() || *uri_ptr != b'/' as c_char {
             return ffi::DECLINED;
         }
-        let uri = cstr_lossy(uri_ptr);
+        let uri = cstr_bytes(uri_ptr);
         let config = &*module_config::<ServerConfig>((*(*r).server).module_config);
         for (index, alias) in config.script_aliases.iter().enumerate() {
             let filename = match &alias.matcher {
-                AliasMatch::Prefix(location) => match match_prefix(location, &uri) {
-                    Some(len) => format!("{}{}", alias.script, &uri[len..]),
+                AliasMatch::Prefix(location) => match match_prefix(location, uri) {
+                    Some(len) => [alias.script.as_bytes(), &uri[len..]].concat(),
                     None => continue,
                 },
                 AliasMatch::Regex { compiled, .. } => {
@@ -65,10 +65,10 @@ unsafe fn translate(r: *mut ffi::request_rec) -> c_int {
                     let end = usize::try_from(matches[0].rm_eo)
                         .unwrap_or(0)
                         .min(uri.len());
-                    format!("{}{}", cstr_lossy(found), &uri[end..])
+                    [cstr_bytes(found), &uri[end..]].concat()
                 }
             };
-            (*r).filename = pstrdup((*r).pool, filename.as_bytes());
+            (*r).filename = pstrdup((*r).pool, &filename);
             (*r).handler = c"wsgi-script".as_ptr();
             let note = cstring(&index.to_string());
             ffi::apr_table_set((*r).notes, ALIAS_NOTE.as_ptr(), note.as_ptr());
@@ -214,8 +214,16 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             .and_then(|o| o.pass_authorization)
             .or(dir.pass_authorization)
             .unwrap_or(false);
+        let Some(secret) = daemon::origin::secret_for(group.index) else {
+            return fail(
+                r,
+                ffi::HTTP_INTERNAL_SERVER_ERROR,
+                "WSGIRS0607: No origin secret for this daemon group.",
+            );
+        };
         let environ = build_environ(
             r,
+            &secret,
             &[
                 ("mod_wsgi.process_group", group.spec.name.as_str()),
                 ("mod_wsgi.application_group", application_group.as_str()),
@@ -347,10 +355,13 @@ impl route::RequestVars for ApacheVars {
 /// Live request.
 unsafe fn build_environ(
     r: *mut ffi::request_rec,
+    secret: &daemon::origin::Secret,
     extra: &[(&str, &str)],
     pass_authorization: bool,
 ) -> Vec<u8> {
     let mut payload = Vec::with_capacity(4096);
+    // The origin secret goes first, under the empty key (see daemon::origin).
+    wire::push_pair(&mut payload, daemon::origin::SECRET_KEY, secret);
     // SAFETY: live request; table entries are NUL-terminated pool strings.
     unsafe {
         ffi::ap_add_common_vars(r);

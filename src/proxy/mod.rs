@@ -32,7 +32,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::logging::Level;
 use crate::wire::{self, Kind, WireError};
+use crate::wsgi_log;
 
 use connect::Sender;
 use error::escape;
@@ -147,6 +149,8 @@ pub fn forward(
         headers_sent: false,
         body_done: false,
         unflushed: false,
+        body_left: None,
+        excess_logged: false,
     }
     .run(client)
     // Dropping the stream closes the connection: on an error the daemon sees EOF.
@@ -164,6 +168,12 @@ struct Relay<'t, 's> {
     body_done: bool,
     /// Data went to the client since the last flush.
     unflushed: bool,
+    /// What the app's Content-Length still allows; the relay never sends more (an excess
+    /// would be read by the client as the start of the next response on a kept-alive
+    /// connection) and treats less as a broken response.
+    body_left: Option<u64>,
+    /// The excess over Content-Length was already reported.
+    excess_logged: bool,
 }
 
 impl Relay<'_, '_> {
@@ -184,14 +194,21 @@ impl Relay<'_, '_> {
                 Kind::ReadBody => self.pull_body(client)?,
                 Kind::Headers if !self.headers_sent => self.relay_headers(client)?,
                 Kind::Data if self.headers_sent => {
-                    if !self.payload.is_empty() {
+                    let allowed = self.allowed_len();
+                    if allowed > 0 {
                         client
-                            .write_body(&self.payload)
+                            .write_body(&self.payload[..allowed])
                             .map_err(|e| self.client_gone(&e, "sending the response"))?;
                         self.unflushed = true;
                     }
                 }
                 Kind::End if self.headers_sent => {
+                    if let Some(left @ 1..) = self.body_left {
+                        return Err(self.broken(format!(
+                            "the application's response ended {left} bytes short of its \
+                             Content-Length"
+                        )));
+                    }
                     self.flush(client)?;
                     return Ok(Outcome::Completed);
                 }
@@ -283,9 +300,46 @@ impl Relay<'_, '_> {
                 return Err(self.malformed(detail));
             }
         }
+        for &(name, value) in &headers {
+            if name.eq_ignore_ascii_case(b"Content-Length") {
+                let parsed = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                match parsed {
+                    Some(length) => self.body_left = Some(length),
+                    None => {
+                        return Err(self.malformed(format!(
+                            "Content-Length is not a number: {:?}",
+                            String::from_utf8_lossy(value)
+                        )))
+                    }
+                }
+            }
+        }
         client.send_headers(status, &headers)?;
         self.headers_sent = true;
         Ok(())
+    }
+
+    /// How much of the Data frame in `payload` may go to the client under Content-Length.
+    fn allowed_len(&mut self) -> usize {
+        let len = self.payload.len();
+        let Some(left) = self.body_left.as_mut() else {
+            return len;
+        };
+        let allowed = usize::try_from(*left).unwrap_or(usize::MAX).min(len);
+        *left -= allowed as u64;
+        if allowed < len && !self.excess_logged {
+            self.excess_logged = true;
+            wsgi_log!(
+                Level::Warn,
+                "WSGIRS0321: Daemon process '{}' sent more response body than its \
+                 Content-Length for {}; the excess was discarded.",
+                self.target.group,
+                self.target.script
+            );
+        }
+        allowed
     }
 
     fn group(&self) -> String {
@@ -899,6 +953,55 @@ mod tests {
             text.contains("'site'") && text.contains("/srv/app.wsgi"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn body_beyond_content_length_is_discarded() {
+        let daemon = Daemon::start(|mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[(b"Content-Length", b"5")]);
+            all.extend(frame(Kind::Data, b"hel"));
+            all.extend(frame(Kind::Data, b"lo and then some smuggled bytes"));
+            all.extend(frame(Kind::End, b""));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient::default();
+        let got = forward(&target(&daemon.path()), &environ(), &mut client).unwrap();
+        daemon.join();
+        assert_eq!(got, Outcome::Completed);
+        assert_eq!(client.out, b"hello");
+    }
+
+    #[test]
+    fn body_short_of_content_length_breaks_the_response() {
+        let daemon = Daemon::start(|mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[(b"Content-Length", b"10")]);
+            all.extend(frame(Kind::Data, b"short"));
+            all.extend(frame(Kind::End, b""));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient::default();
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        assert!(err.headers_sent(), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("5 bytes short of its Content-Length"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_numeric_content_length_is_malformed() {
+        let daemon = Daemon::start(|mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[(b"Content-Length", b"lots")]);
+            all.extend(frame(Kind::End, b""));
+            let _ = s.write_all(&all);
+        });
+        let mut client = FakeClient::default();
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        assert!(err.to_string().contains("Malformed header"), "{err}");
+        assert_eq!(err.status(), 500);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -19,7 +18,7 @@ use super::input::{Input, SharedConnection};
 use crate::daemon::connection::Connection;
 use crate::daemon::GroupRuntime;
 use crate::logging::Level;
-use crate::wire::{self, Kind};
+use crate::wire;
 use crate::wsgi_log;
 
 static FACTS: OnceLock<DaemonFacts> = OnceLock::new();
@@ -107,33 +106,11 @@ fn load_app<'py>(py: Python<'py>, info: &RequestInfo) -> Result<Bound<'py, PyAny
 
 /// Runs one request; every failure is logged here and turned into a Fail frame or a dropped
 /// connection, so nothing escapes to the accept loop.
-pub fn serve(stream: UnixStream, group: &GroupRuntime) {
-    let name = group.spec.name.as_str();
-    let mut conn = Connection::new(stream);
-    let payload = match conn.read_request() {
-        Ok(payload) => payload,
-        Err(err) => {
-            wsgi_log!(
-                Level::Error,
-                "WSGIRS0501: [{name}] Could not read the request from the Apache worker: {err}"
-            );
-            return;
-        }
-    };
-    let pairs: Vec<(&[u8], &[u8])> = match wire::pairs(Kind::Request, &payload).collect() {
-        Ok(pairs) => pairs,
-        Err(err) => {
-            wsgi_log!(
-                Level::Error,
-                "WSGIRS0502: [{name}] Malformed request from the Apache worker: {err}"
-            );
-            return;
-        }
-    };
-    let info = request_info(&pairs);
+pub fn serve(mut conn: Connection, pairs: &[(&[u8], &[u8])], group: &GroupRuntime) {
+    let info = request_info(pairs);
     conn.set_content_length(info.content_length);
     let conn: SharedConnection = Arc::new(Mutex::new(conn));
-    Python::attach(|py| run(py, &conn, &pairs, &info, name));
+    Python::attach(|py| run(py, &conn, pairs, &info, &group.spec.name));
 }
 
 fn send_fail(py: Python<'_>, conn: &SharedConnection, status: u16) {

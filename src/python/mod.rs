@@ -8,7 +8,7 @@ pub mod environ;
 pub mod errors;
 pub mod input;
 
-use std::os::unix::net::UnixStream;
+use crate::daemon::connection::Connection;
 
 use pyo3::prelude::*;
 use pyo3::types::PyList;
@@ -47,7 +47,7 @@ pub fn initialize(group: &GroupRuntime) -> Result<(), PythonError> {
     .map_err(|err| PythonError::Init(err.to_string()))
 }
 
-/// Serves one worker connection to the end.
-pub fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
-    app::serve(stream, group);
+/// Runs one validated request (its environ pairs, secret removed) to the end.
+pub fn serve(conn: Connection, pairs: &[(&[u8], &[u8])], group: &GroupRuntime) {
+    app::serve(conn, pairs, group);
 }

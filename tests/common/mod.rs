@@ -609,17 +609,38 @@ fn log_level() -> String {
     std::env::var("MOD_WSGI_RS_LOGLEVEL").unwrap_or_else(|_| "info".to_string())
 }
 
-fn substitute(text: &str, root: &Path, port: u16) -> String {
+fn substitute(text: &str, root: &Path, port: u16, port2: u16) -> String {
     let root_s = root.display().to_string();
     text.replace("@APPS@", &format!("{root_s}/apps"))
         .replace("@ROOT@", &root_s)
         .replace("@SERVER_ROOT@", &root_s)
+        .replace("@PORT2@", &port2.to_string())
         .replace("@PORT@", &port.to_string())
 }
 
 /// Renders base.conf.in with `fragment`. Without the module, the `LoadModule wsgi_module` line
-/// and every other `WSGI…` directive of the base config are commented out.
+/// and every other `WSGI…` directive of the base config are commented out. A `@PORT2@` in the
+/// fragment becomes some other free port (see `render_config_ports` to choose it).
 pub fn render_config(root: &Path, port: u16, fragment: &str, with_module: bool) -> String {
+    render_config_ports(
+        root,
+        port,
+        free_port_other_than(port),
+        fragment,
+        with_module,
+    )
+}
+
+/// `render_config` with the port that `@PORT2@` stands for: a fragment that needs a second
+/// port (two `<VirtualHost>`s of one ServerName on two ports, say) writes
+/// `Listen 127.0.0.1:@PORT2@` itself; the base config listens on `@PORT@` only.
+pub fn render_config_ports(
+    root: &Path,
+    port: u16,
+    port2: u16,
+    fragment: &str,
+    with_module: bool,
+) -> String {
     assert_eq!(
         BASE_CONF.matches("@FRAGMENT@").count(),
         1,
@@ -650,14 +671,24 @@ pub fn render_config(root: &Path, port: u16, fragment: &str, with_module: bool) 
         .replace("@USER@", user)
         .replace("@GROUP@", group)
         .replace("@LOGLEVEL@", &log_level());
-    let base = substitute(&base, root, port);
-    let fragment = substitute(fragment, root, port);
+    let base = substitute(&base, root, port, port2);
+    let fragment = substitute(fragment, root, port, port2);
     base.replace("@FRAGMENT@", &fragment)
 }
 
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
+}
+
+/// A free port that is not `port` (for `@PORT2@`).
+fn free_port_other_than(port: u16) -> u16 {
+    loop {
+        let p = free_port();
+        if p != port {
+            return p;
+        }
+    }
 }
 
 /// Runs apache2 with `args` in a clean environment, stdout+stderr to `out_file`, waiting at
@@ -772,6 +803,8 @@ pub struct TestServer {
     root: PathBuf,
     conf: PathBuf,
     port: u16,
+    /// What `@PORT2@` stood for in the fragment (Apache listens there only if it says so).
+    port2: u16,
     with_module: bool,
     fragment: String,
     parent_pid: u32,
@@ -810,8 +843,12 @@ impl TestServer {
         let mut last_failure = String::new();
         for attempt in 0..6 {
             let port = free_port();
-            fs::write(&conf, render_config(&root, port, fragment, with_module))
-                .expect("write httpd.conf");
+            let port2 = free_port_other_than(port);
+            fs::write(
+                &conf,
+                render_config_ports(&root, port, port2, fragment, with_module),
+            )
+            .expect("write httpd.conf");
             let _ = fs::remove_file(root.join("logs/httpd.pid"));
             let log_len_before = fs::metadata(root.join("logs/error_log"))
                 .map(|m| m.len())
@@ -821,6 +858,7 @@ impl TestServer {
                 root: root.clone(),
                 conf: conf.clone(),
                 port,
+                port2,
                 with_module,
                 fragment: fragment.to_string(),
                 parent_pid: 0,
@@ -944,6 +982,15 @@ impl TestServer {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
+    /// The port `@PORT2@` stood for in the fragment (Apache listens there only when the
+    /// fragment has `Listen 127.0.0.1:@PORT2@`).
+    pub fn port2(&self) -> u16 {
+        self.port2
+    }
+    /// 127.0.0.1:`port2()`; talk to it with `http_request(server.addr2(), …)`.
+    pub fn addr2(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port2))
+    }
     /// The Apache parent's pid.
     pub fn pid(&self) -> u32 {
         self.parent_pid
@@ -1039,7 +1086,13 @@ impl TestServer {
         self.fragment = fragment.to_string();
         fs::write(
             &self.conf,
-            render_config(&self.root, self.port, fragment, self.with_module),
+            render_config_ports(
+                &self.root,
+                self.port,
+                self.port2,
+                fragment,
+                self.with_module,
+            ),
         )
         .expect("rewrite httpd.conf");
     }
