@@ -69,14 +69,35 @@ pub fn guarded<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     })
 }
 
+/// A new default config of type `T` owned by `pool`.
+fn create_config<T: Default>(pool: *mut ffi::apr_pool_t) -> *mut c_void {
+    // SAFETY: Apache passes a live pool to every create function.
+    guarded(ptr::null_mut(), || unsafe {
+        pool_box(pool, T::default()).cast()
+    })
+}
+
+/// `merge(base, add)` into a new config owned by `pool`.
+///
+/// # Safety
+/// `base` and `add` were created by `create_config::<T>` / `merge_config::<T>`.
+unsafe fn merge_config<T>(
+    pool: *mut ffi::apr_pool_t,
+    base: *mut c_void,
+    add: *mut c_void,
+    merge: fn(&T, &T) -> T,
+) -> *mut c_void {
+    guarded(ptr::null_mut(), || {
+        // SAFETY: per the caller, both point to live T values in Apache's pools.
+        unsafe { pool_box(pool, merge(&*base.cast::<T>(), &*add.cast::<T>())).cast() }
+    })
+}
+
 unsafe extern "C" fn create_dir_config(
     pool: *mut ffi::apr_pool_t,
     _dir: *mut c_char,
 ) -> *mut c_void {
-    // SAFETY: Apache passes a live pool.
-    guarded(ptr::null_mut(), || unsafe {
-        pool_box(pool, DirConfig::default()).cast()
-    })
+    create_config::<DirConfig>(pool)
 }
 
 unsafe extern "C" fn merge_dir_config(
@@ -84,23 +105,15 @@ unsafe extern "C" fn merge_dir_config(
     base: *mut c_void,
     add: *mut c_void,
 ) -> *mut c_void {
-    guarded(ptr::null_mut(), || {
-        // SAFETY: both were created by create_dir_config/merge_dir_config in live pools.
-        unsafe {
-            let merged = DirConfig::merge(&*base.cast::<DirConfig>(), &*add.cast::<DirConfig>());
-            pool_box(pool, merged).cast()
-        }
-    })
+    // SAFETY: Apache merges per-directory configs our create/merge functions made.
+    unsafe { merge_config(pool, base, add, DirConfig::merge) }
 }
 
 unsafe extern "C" fn create_server_config(
     pool: *mut ffi::apr_pool_t,
     _s: *mut ffi::server_rec,
 ) -> *mut c_void {
-    // SAFETY: Apache passes a live pool.
-    guarded(ptr::null_mut(), || unsafe {
-        pool_box(pool, ServerConfig::default()).cast()
-    })
+    create_config::<ServerConfig>(pool)
 }
 
 unsafe extern "C" fn merge_server_config(
@@ -108,14 +121,8 @@ unsafe extern "C" fn merge_server_config(
     base: *mut c_void,
     add: *mut c_void,
 ) -> *mut c_void {
-    guarded(ptr::null_mut(), || {
-        // SAFETY: both were created by create_server_config/merge_server_config.
-        unsafe {
-            let merged =
-                ServerConfig::merge(&*base.cast::<ServerConfig>(), &*add.cast::<ServerConfig>());
-            pool_box(pool, merged).cast()
-        }
-    })
+    // SAFETY: Apache merges per-server configs our create/merge functions made.
+    unsafe { merge_config(pool, base, add, ServerConfig::merge) }
 }
 
 /// This module's config in a config vector (server or request).
