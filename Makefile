@@ -6,7 +6,7 @@ CARGO ?= cargo
 export PYO3_PYTHON := $(PYTHON)
 export APXS
 
-APT_PACKAGES := apache2 apache2-dev python3-dev libclang-dev clang curl
+APT_PACKAGES := apache2 apache2-dev python3-dev python3-venv libclang-dev clang curl
 TEST_USERS := bob joe
 SO_RELEASE := target/release/libmod_wsgi_rs.so
 SO_DEBUG := target/debug/libmod_wsgi_rs.so

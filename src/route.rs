@@ -327,6 +327,7 @@ mod tests {
         GroupRuntime {
             index: 0,
             worker_uid: 33,
+            import_scripts: Vec::new(),
             spec: ProcessGroupSpec::new(name),
             scope: scope.map(str::to_string),
             socket_path: PathBuf::from(format!("/run/{name}.sock")),

@@ -169,6 +169,7 @@ fn groups() -> std::sync::MutexGuard<'static, Vec<DefinedGroup>> {
 pub fn reset_groups() {
     groups().clear();
     literal_selections().clear();
+    imports().clear();
 }
 
 pub fn define_group(group: DefinedGroup) -> Result<(), GroupTableError> {
@@ -209,6 +210,85 @@ pub fn check_literal_group(
 
 pub fn defined_groups() -> Vec<DefinedGroup> {
     groups().clone()
+}
+
+/// `WSGIImportScript file process-group=G [application-group=A]`: a script each daemon of
+/// group G loads when it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportScript {
+    pub script: String,
+    pub process_group: String,
+    pub application_group: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ImportScriptError {
+    #[error("WSGIRS0184: WSGIImportScript needs a script path, e.g. WSGIImportScript /srv/app.wsgi process-group=site")]
+    MissingScript,
+    #[error(
+        "WSGIRS0185: WSGIImportScript '{script}': Invalid option to WSGI import script definition. \
+         Got '{token}'; allowed: process-group=NAME and application-group=NAME."
+    )]
+    InvalidOption { script: String, token: String },
+    #[error(
+        "WSGIRS0186: WSGIImportScript '{script}' needs process-group=NAME naming a group defined \
+         with WSGIDaemonProcess (embedded mode is not available, and templates cannot be \
+         expanded outside a request)."
+    )]
+    NeedsGroup { script: String },
+}
+
+/// Parses WSGIImportScript's words (already split, quotes removed).
+pub fn parse_import_script(args: &[&str]) -> Result<ImportScript, ImportScriptError> {
+    let (script, options) = args.split_first().ok_or(ImportScriptError::MissingScript)?;
+    let mut import = ImportScript {
+        script: script.to_string(),
+        process_group: String::new(),
+        application_group: None,
+    };
+    for token in options {
+        match token.split_once('=') {
+            Some(("process-group", value)) if !value.is_empty() => {
+                import.process_group = value.to_string()
+            }
+            Some(("application-group", value)) if !value.is_empty() => {
+                import.application_group = Some(value.to_string())
+            }
+            _ => {
+                return Err(ImportScriptError::InvalidOption {
+                    script: import.script,
+                    token: token.to_string(),
+                })
+            }
+        }
+    }
+    if import.process_group.is_empty() || import.process_group.contains("%{") {
+        return Err(ImportScriptError::NeedsGroup {
+            script: import.script,
+        });
+    }
+    Ok(import)
+}
+
+static IMPORTS: Mutex<Vec<ImportScript>> = Mutex::new(Vec::new());
+
+fn imports() -> std::sync::MutexGuard<'static, Vec<ImportScript>> {
+    IMPORTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn record_import(import: ImportScript) {
+    imports().push(import);
+}
+
+/// The scripts the daemons of `group` import at start, in configuration order.
+pub fn imports_for(group: &str) -> Vec<String> {
+    imports()
+        .iter()
+        .filter(|i| i.process_group == group)
+        .map(|i| i.script.clone())
+        .collect()
 }
 
 /// A literal `WSGIProcessGroup` value and where it was written, checked once all groups are
@@ -271,6 +351,39 @@ mod tests {
         assert!(!merged.script_reloading());
         assert_eq!(DirConfig::default().callable_object(), "application");
         assert!(DirConfig::default().script_reloading());
+    }
+
+    #[test]
+    fn import_script_options() {
+        let ok = parse_import_script(&[
+            "/srv/a.wsgi",
+            "process-group=site",
+            "application-group=%{GLOBAL}",
+        ])
+        .unwrap();
+        assert_eq!(ok.script, "/srv/a.wsgi");
+        assert_eq!(ok.process_group, "site");
+        assert_eq!(ok.application_group.as_deref(), Some("%{GLOBAL}"));
+        assert_eq!(
+            parse_import_script(&[]),
+            Err(ImportScriptError::MissingScript)
+        );
+        assert!(matches!(
+            parse_import_script(&["/srv/a.wsgi", "bogus=1"]),
+            Err(ImportScriptError::InvalidOption { .. })
+        ));
+        assert!(matches!(
+            parse_import_script(&["/srv/a.wsgi", "process-group"]),
+            Err(ImportScriptError::InvalidOption { .. })
+        ));
+        assert!(matches!(
+            parse_import_script(&["/srv/a.wsgi"]),
+            Err(ImportScriptError::NeedsGroup { .. })
+        ));
+        assert!(matches!(
+            parse_import_script(&["/srv/a.wsgi", "process-group=%{ENV:X}"]),
+            Err(ImportScriptError::NeedsGroup { .. })
+        ));
     }
 
     #[test]

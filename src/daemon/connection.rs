@@ -23,6 +23,8 @@ pub struct Connection {
     headers_sent: bool,
     /// Set by start_response, sent with the first body bytes (or at the end).
     pending_headers: Option<Vec<u8>>,
+    /// A write failed because the worker hung up (the client went away).
+    peer_gone: bool,
 }
 
 impl Connection {
@@ -36,6 +38,7 @@ impl Connection {
             body_left: None,
             headers_sent: false,
             pending_headers: None,
+            peer_gone: false,
         }
     }
 
@@ -66,6 +69,23 @@ impl Connection {
 
     pub fn headers_sent(&self) -> bool {
         self.headers_sent
+    }
+
+    /// True once a write failed because the Apache worker closed the connection.
+    pub fn peer_gone(&self) -> bool {
+        self.peer_gone
+    }
+
+    fn note_write(&mut self, result: io::Result<()>) -> io::Result<()> {
+        if let Err(err) = &result {
+            if matches!(
+                err.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) {
+                self.peer_gone = true;
+            }
+        }
+        result
     }
 
     fn buffered(&self) -> &[u8] {
@@ -178,13 +198,15 @@ impl Connection {
             return Ok(false);
         };
         self.headers_sent = true;
-        wire::write_frame(&mut self.stream, Kind::Headers, &payload)?;
+        let sent = wire::write_frame(&mut self.stream, Kind::Headers, &payload);
+        self.note_write(sent)?;
         Ok(true)
     }
 
     pub fn send_data(&mut self, data: &[u8]) -> io::Result<()> {
         for chunk in data.chunks(wire::MAX_CHUNK) {
-            wire::write_frame(&mut self.stream, Kind::Data, chunk)?;
+            let sent = wire::write_frame(&mut self.stream, Kind::Data, chunk);
+            self.note_write(sent)?;
         }
         Ok(())
     }

@@ -32,6 +32,8 @@ pub struct GroupRuntime {
     pub home: PathBuf,
     /// Apache's worker uid: the only non-root peer a daemon accepts requests from.
     pub worker_uid: u32,
+    /// WSGIImportScript files to load when a daemon starts.
+    pub import_scripts: Vec<String>,
 }
 
 /// All groups of the current generation, in definition order.

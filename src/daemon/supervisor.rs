@@ -188,26 +188,35 @@ pub fn child_died(slot: usize, raw_status: Option<i32>) {
     let lived = supervisor.slots[slot].started.elapsed();
     let setup_failed = matches!(status, Some(WaitStatus::Exited(_, EXIT_SETUP_FAILED)));
     let backoff = &mut supervisor.slots[slot].backoff;
-    *backoff = if lived < QUICK_DEATH || setup_failed {
+    // A clean exit (a restart the daemon asked for) is never a crash loop.
+    let clean = matches!(status, Some(WaitStatus::Exited(_, 0)));
+    *backoff = if (lived < QUICK_DEATH && !clean) || setup_failed {
         (*backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF)
     } else {
         Duration::ZERO
     };
     let delay = *backoff;
-    wsgi_log!(
-        Level::Error,
-        "WSGIRS0421: Process '{name}' has died, deregister and restart it. \
+    if clean {
+        wsgi_log!(
+            Level::Info,
+            "WSGIRS0423: Process '{name}' (pid {pid}) exited to restart; starting a new one."
+        );
+    } else {
+        wsgi_log!(
+            Level::Error,
+            "WSGIRS0421: Process '{name}' has died, deregister and restart it. \
          Pid {pid} ended with {how} after {:.1}s{}.",
-        lived.as_secs_f64(),
-        if delay.is_zero() {
-            String::new()
-        } else {
-            format!(
-                "; the replacement waits {}s before starting",
-                delay.as_secs()
-            )
-        }
-    );
+            lived.as_secs_f64(),
+            if delay.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    "; the replacement waits {}s before starting",
+                    delay.as_secs()
+                )
+            }
+        );
+    }
     if let Err(err) = supervisor.spawn(slot) {
         wsgi_log!(Level::Alert, "{err}");
     }

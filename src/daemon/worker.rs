@@ -8,7 +8,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -80,6 +80,7 @@ pub fn run(ctx: DaemonContext) -> i32 {
             return EXIT_SETUP_FAILED;
         }
     };
+    let _ = PROCESS_STOP.set(Arc::clone(&stop));
     {
         let stop = Arc::clone(&stop);
         std::thread::Builder::new()
@@ -120,6 +121,9 @@ pub fn run(ctx: DaemonContext) -> i32 {
         );
         return EXIT_SETUP_FAILED;
     }
+    for script in &ctx.group.import_scripts {
+        python::preload(script, &name);
+    }
     wsgi_log!(
         Level::Info,
         "WSGIRS0433: Starting process '{name}' with uid={}, gid={} and threads={}.",
@@ -149,12 +153,34 @@ pub fn run(ctx: DaemonContext) -> i32 {
         }
     }
     stop.wait();
-    let deadline = Instant::now() + group.spec.shutdown_timeout;
+    // A restart the process asked for itself (a changed script) lets in-flight requests
+    // finish within graceful-timeout; Apache stopping us gives shutdown-timeout.
+    let grace = if RESTART_REQUESTED.load(Ordering::SeqCst) {
+        group.spec.graceful_timeout
+    } else {
+        group.spec.shutdown_timeout
+    };
+    let deadline = Instant::now() + grace;
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     wsgi_log!(Level::Info, "WSGIRS0435: Process '{name}' stopped.");
     0
+}
+
+/// This process's stop signal, for a restart requested from inside (see `request_restart`).
+static PROCESS_STOP: OnceLock<Arc<StopSignal>> = OnceLock::new();
+static RESTART_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks this daemon process to restart gracefully: it stops accepting, lets the requests in
+/// flight finish, and exits; the supervisor starts a fresh one. Logs `why` once.
+pub fn request_restart(why: &str) {
+    if !RESTART_REQUESTED.swap(true, Ordering::SeqCst) {
+        wsgi_log!(Level::Info, "{why}");
+        if let Some(stop) = PROCESS_STOP.get() {
+            stop.trigger();
+        }
+    }
 }
 
 /// Drops root (when we have it), moves to the home directory and applies the umask.

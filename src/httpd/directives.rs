@@ -20,7 +20,7 @@ type RawArgs =
 
 /// The command table Apache reads (NULL-terminated). Raw pointers to static strings only.
 #[repr(transparent)]
-pub struct CommandTable(pub [ffi::command_rec; 15]);
+pub struct CommandTable(pub [ffi::command_rec; 16]);
 
 // SAFETY: the table is immutable and holds pointers to static, immutable C strings only.
 unsafe impl Sync for CommandTable {}
@@ -74,6 +74,12 @@ pub static COMMANDS: CommandTable = CommandTable([
         directive_take1,
         DIR,
         c"Name of the daemon process group to run scripts in.",
+    ),
+    raw(
+        c"WSGIImportScript",
+        directive_raw,
+        SERVER,
+        c"Load a script when a group's daemons start: file process-group=NAME [application-group=NAME].",
     ),
     raw(
         c"WSGIRestrictProcess",
@@ -339,6 +345,15 @@ fn apply_raw(name: &str, line: &str, target: &mut Target<'_>) -> Result<(), Stri
                 script,
                 options,
             });
+            Ok(())
+        }
+        "WSGIImportScript" => {
+            let words = split_raw_args(line, 1);
+            let args: Vec<&str> = words.iter().map(String::as_str).collect();
+            let import = config::parse_import_script(&args).map_err(|e| e.to_string())?;
+            config::check_literal_group(name, &import.process_group, target.key, same_server_name)
+                .map_err(|e| e.to_string())?;
+            config::record_import(import);
             Ok(())
         }
         "WSGIRestrictProcess" => {

@@ -313,6 +313,7 @@ unsafe fn start_daemons(
             spec.python_home = main_config.python_home.clone();
         }
         groups.push(GroupRuntime {
+            import_scripts: config::imports_for(&spec.name),
             index,
             worker_uid: run_uid,
             socket_timeout: spec.socket_timeout.unwrap_or(apache_timeout),

@@ -244,9 +244,12 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             socket_timeout: group.socket_timeout,
             header_buffer_size: group.spec.header_buffer_size,
         };
-        let mut client = ApacheClient { r };
+        let mut client = ApacheClient { r, redirect: None };
         match proxy::forward(&target, &environ, &mut client) {
-            Ok(Outcome::Completed) => ffi::OK as c_int,
+            Ok(Outcome::Completed) => match client.redirect {
+                Some(location) => internal_redirect(r, &location),
+                None => ffi::OK as c_int,
+            },
             Ok(Outcome::DaemonStatus(status)) => c_int::from(status),
             Err(err) => report(r, &err),
         }
@@ -391,6 +394,22 @@ unsafe fn build_environ(
 /// The client side of a request, as the proxy sees it.
 struct ApacheClient {
     r: *mut ffi::request_rec,
+    /// A 200 response with a local `Location: /path`: as mod_cgi, Apache serves that path
+    /// instead (an internal redirect), and the app's own body is discarded.
+    redirect: Option<Vec<u8>>,
+}
+
+/// mod_cgi's local redirect: the request becomes a GET for `location`.
+fn internal_redirect(r: *mut ffi::request_rec, location: &[u8]) -> c_int {
+    // SAFETY: live request; the location is copied into the request pool.
+    unsafe {
+        ffi::ap_discard_request_body(r);
+        (*r).method = c"GET".as_ptr();
+        (*r).method_number = ffi::M_GET as c_int;
+        ffi::apr_table_unset((*r).headers_in, c"Content-Length".as_ptr());
+        ffi::ap_internal_redirect_handler(pstrdup((*r).pool, location), r);
+    }
+    ffi::OK as c_int
 }
 
 impl Client for ApacheClient {
@@ -414,6 +433,16 @@ impl Client for ApacheClient {
             .ok()
             .and_then(|s| s.parse::<c_int>().ok())
             .unwrap_or(500);
+        if code == 200 {
+            let local = headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(b"Location"))
+                .filter(|(_, value)| value.starts_with(b"/"));
+            if let Some((_, location)) = local {
+                self.redirect = Some(location.to_vec());
+                return Ok(());
+            }
+        }
         // SAFETY: live request; every string is copied into the request pool.
         unsafe {
             let r = self.r;
@@ -436,6 +465,9 @@ impl Client for ApacheClient {
     }
 
     fn write_body(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        if self.redirect.is_some() {
+            return Ok(());
+        }
         let len =
             c_int::try_from(data.len()).map_err(|_| ClientError::Gone("chunk too large".into()))?;
         // SAFETY: live request; data valid for len bytes.
@@ -448,6 +480,9 @@ impl Client for ApacheClient {
     }
 
     fn flush(&mut self) -> Result<(), ClientError> {
+        if self.redirect.is_some() {
+            return Ok(());
+        }
         // SAFETY: live request.
         if unsafe { ffi::ap_rflush(self.r) } < 0 {
             Err(ClientError::Gone("the client closed the connection".into()))

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -23,8 +24,25 @@ use crate::wsgi_log;
 
 static FACTS: OnceLock<DaemonFacts> = OnceLock::new();
 
+/// A loaded script: its module and the file's mtime when it was read.
+struct LoadedScript {
+    module: Py<PyModule>,
+    mtime: Option<SystemTime>,
+}
+
 /// Loaded scripts by path. Each script is its own module in the one interpreter.
-static SCRIPTS: Mutex<Option<HashMap<String, Py<PyModule>>>> = Mutex::new(None);
+static SCRIPTS: Mutex<Option<HashMap<String, LoadedScript>>> = Mutex::new(None);
+
+/// `wsgi.file_wrapper`, defined in bootstrap.py.
+static FILE_WRAPPER: OnceLock<Py<PyAny>> = OnceLock::new();
+
+pub fn set_file_wrapper(wrapper: Py<PyAny>) {
+    let _ = FILE_WRAPPER.set(wrapper);
+}
+
+fn modified(script: &str) -> Option<SystemTime> {
+    std::fs::metadata(script).and_then(|m| m.modified()).ok()
+}
 
 pub fn set_group(group: &GroupRuntime) {
     let _ = FACTS.set(DaemonFacts {
@@ -38,6 +56,8 @@ struct RequestInfo {
     script: String,
     callable: String,
     content_length: Option<u64>,
+    /// WSGIScriptReloading: a changed script is reloaded and the process restarted.
+    reloading: bool,
 }
 
 fn request_info(pairs: &[(&[u8], &[u8])]) -> RequestInfo {
@@ -45,6 +65,7 @@ fn request_info(pairs: &[(&[u8], &[u8])]) -> RequestInfo {
         script: String::new(),
         callable: "application".to_string(),
         content_length: None,
+        reloading: true,
     };
     for (key, value) in pairs {
         match *key {
@@ -52,6 +73,7 @@ fn request_info(pairs: &[(&[u8], &[u8])]) -> RequestInfo {
             b"mod_wsgi.callable_object" => {
                 info.callable = String::from_utf8_lossy(value).into_owned()
             }
+            b"mod_wsgi.script_reloading" => info.reloading = *value != b"0",
             b"CONTENT_LENGTH" => {
                 info.content_length = std::str::from_utf8(value)
                     .ok()
@@ -76,14 +98,28 @@ enum LoadError {
     NoCallable,
 }
 
-fn load_script<'py>(py: Python<'py>, script: &str) -> Result<Bound<'py, PyModule>, LoadError> {
+fn load_script<'py>(
+    py: Python<'py>,
+    script: &str,
+    reloading: bool,
+    group: &str,
+) -> Result<Bound<'py, PyModule>, LoadError> {
     {
         let cache = SCRIPTS.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(module) = cache.as_ref().and_then(|c| c.get(script)) {
-            return Ok(module.bind(py).clone());
+        if let Some(loaded) = cache.as_ref().and_then(|c| c.get(script)) {
+            if !reloading || modified(script) == loaded.mtime {
+                return Ok(loaded.module.bind(py).clone());
+            }
+            // The script changed: serve this request with the new code, and restart the
+            // process gracefully so every module the app imported is fresh too.
+            crate::daemon::worker::request_restart(&format!(
+                "WSGIRS0508: [{group}] Script '{script}' has changed; reloading it and \
+                 restarting this daemon process gracefully."
+            ));
         }
     }
     // Read and run the script without holding the cache lock: its import may release the GIL.
+    let mtime = modified(script);
     let source = std::fs::read(script).map_err(|e| LoadError::Read(e.to_string()))?;
     let code =
         CString::new(source).map_err(|_| LoadError::Read("the file contains a NUL byte".into()))?;
@@ -91,14 +127,42 @@ fn load_script<'py>(py: Python<'py>, script: &str) -> Result<Bound<'py, PyModule
     let name = CString::new(module_name(script)).map_err(|_| LoadError::Read("bad path".into()))?;
     let module = PyModule::from_code(py, &code, &file, &name).map_err(LoadError::Exec)?;
     let mut cache = SCRIPTS.lock().unwrap_or_else(|p| p.into_inner());
-    cache
-        .get_or_insert_with(HashMap::new)
-        .insert(script.to_string(), module.clone().unbind());
+    cache.get_or_insert_with(HashMap::new).insert(
+        script.to_string(),
+        LoadedScript {
+            module: module.clone().unbind(),
+            mtime,
+        },
+    );
     Ok(module)
 }
 
-fn load_app<'py>(py: Python<'py>, info: &RequestInfo) -> Result<Bound<'py, PyAny>, LoadError> {
-    let module = load_script(py, &info.script)?;
+/// WSGIImportScript: loads `script` at daemon start, before any request.
+pub fn preload(script: &str, group: &str) {
+    Python::attach(|py| match load_script(py, script, false, group) {
+        Ok(_) => wsgi_log!(
+            Level::Info,
+            "WSGIRS0509: [{group}] Imported script '{script}'."
+        ),
+        Err(LoadError::Exec(err)) => log_exception(
+            py,
+            group,
+            &format!("WSGIRS0505: Failed to exec Python script file '{script}'."),
+            &err,
+        ),
+        Err(err) => wsgi_log!(
+            Level::Error,
+            "WSGIRS0504: [{group}] Failed to import WSGI script '{script}': {err:?}"
+        ),
+    });
+}
+
+fn load_app<'py>(
+    py: Python<'py>,
+    info: &RequestInfo,
+    group: &str,
+) -> Result<Bound<'py, PyAny>, LoadError> {
+    let module = load_script(py, &info.script, info.reloading, group)?;
     module
         .getattr(info.callable.as_str())
         .map_err(|_| LoadError::NoCallable)
@@ -129,7 +193,7 @@ fn run(
     info: &RequestInfo,
     group: &str,
 ) {
-    let app = match load_app(py, info) {
+    let app = match load_app(py, info, group) {
         Ok(app) => app,
         Err(LoadError::NoCallable) => {
             wsgi_log!(
@@ -163,7 +227,16 @@ fn run(
         }
     };
     let outcome = call_app(py, conn, pairs, &app, group);
-    if let Err(err) = outcome {
+    let peer_gone = conn.lock().unwrap_or_else(|p| p.into_inner()).peer_gone();
+    if outcome.is_err() && peer_gone {
+        // Not the application's fault: the client went away and Apache hung up.
+        wsgi_log!(
+            Level::Info,
+            "WSGIRS0507: [{group}] The client closed the connection before the response from \
+             '{}' was complete; the application's close() was called.",
+            info.script
+        );
+    } else if let Err(err) = outcome {
         log_exception(
             py,
             group,
@@ -199,6 +272,9 @@ fn call_app(
     let input = Bound::new(py, Input::new(Arc::clone(conn)))?.into_any();
     let errors = Bound::new(py, LogStream::new(group, "wsgi.errors", Level::Error))?.into_any();
     let environ = environ::build(py, pairs, &facts, input, errors)?;
+    if let Some(wrapper) = FILE_WRAPPER.get() {
+        environ.set_item("wsgi.file_wrapper", wrapper.bind(py))?;
+    }
     let start_response = Bound::new(
         py,
         StartResponse {

@@ -1,5 +1,5 @@
 //! CPython, daemon side only: started after the daemon dropped root, never in Apache's
-//! parent or workers. `serve_connection` runs one request through the WSGI application.
+//! parent or workers. `serve` runs one request through the WSGI application.
 
 #![forbid(unsafe_code)]
 
@@ -11,7 +11,17 @@ pub mod input;
 use crate::daemon::connection::Connection;
 
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyList, PyModule};
+
+/// Python-side helpers (virtualenv activation, wsgi.file_wrapper).
+const BOOTSTRAP: &std::ffi::CStr = {
+    match std::ffi::CStr::from_bytes_with_nul(
+        concat!(include_str!("bootstrap.py"), "\0").as_bytes(),
+    ) {
+        Ok(code) => code,
+        Err(_) => panic!("bootstrap.py contains a NUL byte"),
+    }
+};
 
 use crate::daemon::GroupRuntime;
 
@@ -32,6 +42,16 @@ pub fn initialize(group: &GroupRuntime) -> Result<(), PythonError> {
             path.insert(index, entry.display().to_string())?;
         }
         sys.setattr("argv", PyList::new(py, ["mod_wsgi"])?)?;
+        let bootstrap = PyModule::from_code(
+            py,
+            BOOTSTRAP,
+            c"mod_wsgi_rs/bootstrap.py",
+            c"mod_wsgi_rs_bootstrap",
+        )?;
+        if let Some(home) = &group.spec.python_home {
+            bootstrap.call_method1("activate_home", (home.display().to_string(),))?;
+        }
+        app::set_file_wrapper(bootstrap.getattr("FileWrapper")?.unbind());
         let name = group.spec.name.as_str();
         sys.setattr(
             "stdout",
@@ -45,6 +65,11 @@ pub fn initialize(group: &GroupRuntime) -> Result<(), PythonError> {
         Ok(())
     })
     .map_err(|err| PythonError::Init(err.to_string()))
+}
+
+/// Loads a script at start-up (WSGIImportScript).
+pub fn preload(script: &str, group: &str) {
+    app::preload(script, group);
 }
 
 /// Runs one validated request (its environ pairs, secret removed) to the end.
