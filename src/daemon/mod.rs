@@ -3,6 +3,7 @@
 //! us plain values and two callbacks (`ParentHooks`).
 
 pub mod connection;
+pub mod lifecycle;
 pub mod listener;
 pub mod origin;
 pub mod privileges;

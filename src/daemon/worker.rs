@@ -22,6 +22,7 @@ use nix::sys::socket::getsockopt;
 use nix::sys::socket::sockopt::PeerCredentials;
 
 use super::connection::Connection;
+use super::lifecycle::{self, Activity, Policy, Verdict};
 use super::listener;
 use super::origin;
 use super::privileges::{self, System};
@@ -63,6 +64,7 @@ pub fn run(ctx: DaemonContext) -> i32 {
     // too, so writes to a vanished peer fail with EPIPE instead of killing the process.
     let mut blocked = stop_signals();
     blocked.add(Signal::SIGPIPE);
+    blocked.add(Signal::SIGXCPU);
     if let Err(err) = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None) {
         wsgi_log!(
             Level::Alert,
@@ -83,11 +85,21 @@ pub fn run(ctx: DaemonContext) -> i32 {
     let _ = PROCESS_STOP.set(Arc::clone(&stop));
     {
         let stop = Arc::clone(&stop);
+        let name_for_signals = name.clone();
         std::thread::Builder::new()
             .name("wsgi-signals".into())
             .spawn(move || {
-                if stop_signals().wait().is_ok() {
-                    stop.trigger();
+                let mut watched = stop_signals();
+                watched.add(Signal::SIGXCPU);
+                loop {
+                    match watched.wait() {
+                        Ok(Signal::SIGXCPU) => request_restart(&format!(
+                            "WSGIRS0443: [{name_for_signals}] Restarting daemon process \
+                             gracefully: cpu-time-limit reached."
+                        )),
+                        Ok(_) => return stop.trigger(),
+                        Err(_) => return,
+                    }
                 }
             })
             .ok();
@@ -106,6 +118,10 @@ pub fn run(ctx: DaemonContext) -> i32 {
     if unistd::getppid().as_raw() as u32 != ctx.parent_pid {
         return 0;
     }
+    if let Err(err) = apply_limits(&ctx.group) {
+        wsgi_log!(Level::Alert, "WSGIRS0445: Daemon process '{name}': {err}");
+        return EXIT_SETUP_FAILED;
+    }
     // lang= and locale= shape how Python decodes and encodes text; set before it starts.
     // Only the signal thread exists now and it never reads the environment.
     if let Some(lang) = &ctx.group.spec.lang {
@@ -121,6 +137,8 @@ pub fn run(ctx: DaemonContext) -> i32 {
         );
         return EXIT_SETUP_FAILED;
     }
+    let thread_count = ctx.group.spec.threads.max(1);
+    let activity = lifecycle::install(Activity::new(thread_count as usize));
     for script in &ctx.group.import_scripts {
         python::preload(script, &name);
     }
@@ -134,13 +152,15 @@ pub fn run(ctx: DaemonContext) -> i32 {
 
     let listen_fd = ctx.listen_fd;
     let group = Arc::new(ctx.group);
+    activity.gil_acquired();
+    start_monitor(&group, &stop, activity);
     let mut threads = Vec::new();
-    for index in 0..group.spec.threads.max(1) {
+    for index in 0..thread_count {
         let stop = Arc::clone(&stop);
         let group = Arc::clone(&group);
         let spawned = std::thread::Builder::new()
             .name(format!("wsgi-{index}"))
-            .spawn(move || accept_loop(listen_fd, &stop, &group));
+            .spawn(move || accept_loop(listen_fd, &stop, &group, index as usize));
         match spawned {
             Ok(handle) => threads.push(handle),
             Err(err) => {
@@ -155,7 +175,9 @@ pub fn run(ctx: DaemonContext) -> i32 {
     stop.wait();
     // A restart the process asked for itself (a changed script) lets in-flight requests
     // finish within graceful-timeout; Apache stopping us gives shutdown-timeout.
-    let grace = if RESTART_REQUESTED.load(Ordering::SeqCst) {
+    let grace = if IMMEDIATE_EXIT.load(Ordering::SeqCst) {
+        Duration::ZERO
+    } else if RESTART_REQUESTED.load(Ordering::SeqCst) {
         group.spec.graceful_timeout
     } else {
         group.spec.shutdown_timeout
@@ -171,6 +193,61 @@ pub fn run(ctx: DaemonContext) -> i32 {
 /// This process's stop signal, for a restart requested from inside (see `request_restart`).
 static PROCESS_STOP: OnceLock<Arc<StopSignal>> = OnceLock::new();
 static RESTART_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// Requests in flight are stuck (request-timeout, deadlock-timeout): exit without waiting.
+static IMMEDIATE_EXIT: AtomicBool = AtomicBool::new(false);
+
+/// Watches the lifecycle limits once per tick, and (for deadlock-timeout) keeps proving that
+/// the GIL can be acquired.
+fn start_monitor(group: &Arc<GroupRuntime>, stop: &Arc<StopSignal>, activity: &'static Activity) {
+    let policy = Policy::from_spec(&group.spec);
+    if policy == Policy::default() {
+        return;
+    }
+    if policy.deadlock_timeout.is_some() {
+        let stop = Arc::clone(stop);
+        let _ = std::thread::Builder::new()
+            .name("wsgi-gil-ping".into())
+            .spawn(move || {
+                while !stop.sleep(Duration::from_secs(1)) {
+                    python::ping_gil();
+                    activity.gil_acquired();
+                }
+            });
+    }
+    let stop = Arc::clone(stop);
+    let name = group.spec.name.clone();
+    let _ = std::thread::Builder::new()
+        .name("wsgi-monitor".into())
+        .spawn(move || {
+            while !stop.sleep(Duration::from_millis(200)) {
+                match activity.verdict(&policy, activity.now_ms()) {
+                    Some(verdict) => return apply_verdict(&name, verdict),
+                    None => continue,
+                }
+            }
+        });
+}
+
+/// Restarts this process as a lifecycle verdict says.
+pub fn apply_verdict(name: &str, verdict: Verdict) {
+    match verdict {
+        Verdict::Graceful(why) => request_restart(&format!(
+            "WSGIRS0443: [{name}] Restarting daemon process gracefully: {why}."
+        )),
+        Verdict::Immediate(why) => {
+            IMMEDIATE_EXIT.store(true, Ordering::SeqCst);
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0444: [{name}] Restarting daemon process now: {why}; requests in flight \
+                 are abandoned."
+            );
+            RESTART_REQUESTED.store(true, Ordering::SeqCst);
+            if let Some(stop) = PROCESS_STOP.get() {
+                stop.trigger();
+            }
+        }
+    }
+}
 
 /// Asks this daemon process to restart gracefully: it stops accepting, lets the requests in
 /// flight finish, and exits; the supervisor starts a fresh one. Logs `why` once.
@@ -181,6 +258,28 @@ pub fn request_restart(why: &str) {
             stop.trigger();
         }
     }
+}
+
+/// memory-limit (RLIMIT_DATA), virtual-memory-limit (RLIMIT_AS) and cpu-time-limit
+/// (RLIMIT_CPU: SIGXCPU at the limit asks for a graceful restart; the hard limit, a
+/// graceful-timeout later, kills).
+fn apply_limits(group: &GroupRuntime) -> Result<(), String> {
+    use nix::sys::resource::{setrlimit, Resource};
+    let spec = &group.spec;
+    let set = |resource, what: &str, soft: u64, hard: u64| {
+        setrlimit(resource, soft, hard).map_err(|e| format!("cannot set {what} to {soft}: {e}"))
+    };
+    if let Some(bytes) = spec.memory_limit.filter(|&b| b > 0) {
+        set(Resource::RLIMIT_DATA, "memory-limit", bytes, bytes)?;
+    }
+    if let Some(bytes) = spec.virtual_memory_limit.filter(|&b| b > 0) {
+        set(Resource::RLIMIT_AS, "virtual-memory-limit", bytes, bytes)?;
+    }
+    if let Some(secs) = spec.cpu_time_limit.filter(|&s| s > 0) {
+        let hard = secs + spec.graceful_timeout.as_secs() + 1;
+        set(Resource::RLIMIT_CPU, "cpu-time-limit", secs, hard)?;
+    }
+    Ok(())
 }
 
 /// Drops root (when we have it), moves to the home directory and applies the umask.
@@ -208,7 +307,9 @@ fn become_daemon_user(group: &GroupRuntime) -> Result<(), String> {
     Ok(())
 }
 
-fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime) {
+fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime, index: usize) {
+    let activity = lifecycle::activity();
+    let policy = Policy::from_spec(&group.spec);
     let listener = listener::borrow_inherited(listen_fd);
     loop {
         let mut fds = [
@@ -233,7 +334,16 @@ fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime) {
         match accept4(listen_fd, SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => {
                 let stream = UnixStream::from(listener::own_accepted(fd));
+                if let Some(a) = activity {
+                    a.request_started(index);
+                }
                 serve_connection(stream, group);
+                if let Some(a) = activity {
+                    let finished = a.request_finished(index);
+                    if let Some(verdict) = a.reached_maximum(&policy, finished) {
+                        apply_verdict(&group.spec.name, verdict);
+                    }
+                }
             }
             // Another process or thread took the connection first.
             Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => {}
@@ -286,7 +396,34 @@ fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
         return refuse(&err);
     }
     conn.clear_read_timeout();
+    if let Some(limit) = group.spec.queue_timeout {
+        if let Some(waited) = queue_wait(&pairs) {
+            if waited > limit {
+                wsgi_log!(
+                    Level::Error,
+                    "WSGIRS0446: Queue timeout expired for WSGI daemon process '{name}'. The \
+                     request waited {:.1}s for a free thread (queue-timeout is {}s).",
+                    waited.as_secs_f64(),
+                    limit.as_secs()
+                );
+                let _ = conn.send_fail(504);
+                return;
+            }
+        }
+    }
     python::serve(conn, &pairs[1..], group);
+}
+
+/// How long the request waited between the worker and a daemon thread.
+fn queue_wait(pairs: &[(&[u8], &[u8])]) -> Option<Duration> {
+    let (_, value) = pairs
+        .iter()
+        .find(|(key, _)| *key == b"mod_wsgi.queue_start")?;
+    let start: u64 = std::str::from_utf8(value).ok()?.parse().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(now.saturating_sub(Duration::from_micros(start)))
 }
 
 /// "Stop now", set by the signal thread and seen by every accept thread through a pipe that

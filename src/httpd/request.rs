@@ -221,10 +221,16 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
                 "WSGIRS0607: No origin secret for this daemon group.",
             );
         };
+        // When the request reached us: the daemon measures queue-timeout from here.
+        let queue_start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros().to_string())
+            .unwrap_or_default();
         let environ = build_environ(
             r,
             &secret,
             &[
+                ("mod_wsgi.queue_start", queue_start.as_str()),
                 ("mod_wsgi.process_group", group.spec.name.as_str()),
                 ("mod_wsgi.application_group", application_group.as_str()),
                 ("mod_wsgi.callable_object", callable.as_str()),

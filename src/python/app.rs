@@ -125,7 +125,11 @@ fn load_script<'py>(
         CString::new(source).map_err(|_| LoadError::Read("the file contains a NUL byte".into()))?;
     let file = CString::new(script).map_err(|_| LoadError::Read("bad path".into()))?;
     let name = CString::new(module_name(script)).map_err(|_| LoadError::Read("bad path".into()))?;
-    let module = PyModule::from_code(py, &code, &file, &name).map_err(LoadError::Exec)?;
+    let loaded = PyModule::from_code(py, &code, &file, &name);
+    if let Some(activity) = crate::daemon::lifecycle::activity() {
+        activity.script_loaded(loaded.is_ok());
+    }
+    let module = loaded.map_err(LoadError::Exec)?;
     let mut cache = SCRIPTS.lock().unwrap_or_else(|p| p.into_inner());
     cache.get_or_insert_with(HashMap::new).insert(
         script.to_string(),

@@ -67,6 +67,11 @@ pub fn initialize(group: &GroupRuntime) -> Result<(), PythonError> {
     .map_err(|err| PythonError::Init(err.to_string()))
 }
 
+/// Acquires and releases the GIL (the deadlock-timeout probe).
+pub fn ping_gil() {
+    Python::attach(|_| ());
+}
+
 /// Loads a script at start-up (WSGIImportScript).
 pub fn preload(script: &str, group: &str) {
     app::preload(script, group);

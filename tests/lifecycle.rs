@@ -1,0 +1,183 @@
+//! Integration tests of the daemon lifecycle limits (SPEC §7): each restart happens for the
+//! reason configured, is logged with that reason, and shows as a new daemon pid.
+
+// A failed unwrap in a test is the test failing, with its message.
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn pid_of(server: &TestServer, path: &str) -> u64 {
+    let r = server.get(path);
+    assert_eq!(r.status, 200, "{r:?}\n{}", server.error_log());
+    r.json().u64_of("pid")
+}
+
+fn new_pid_within(server: &TestServer, path: &str, old: u64) -> u64 {
+    let mut pid = old;
+    let changed = wait_until(WAIT, || {
+        let r = server.try_request("GET", path, &[], b"");
+        if let Ok(r) = r {
+            if r.status == 200 {
+                pid = r.json().u64_of("pid");
+            }
+        }
+        pid != old
+    });
+    assert!(
+        changed,
+        "no new daemon after waiting\n{}",
+        server.error_log()
+    );
+    pid
+}
+
+#[test]
+fn maximum_requests_recycles_the_process() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess recycle processes=1 threads=1 maximum-requests=3\n\
+         WSGIScriptAlias /whoami @APPS@/whoami.wsgi process-group=recycle\n",
+    );
+    let first = pid_of(&server, "/whoami");
+    assert_eq!(pid_of(&server, "/whoami"), first);
+    assert_eq!(pid_of(&server, "/whoami"), first);
+    let second = new_pid_within(&server, "/whoami", first);
+    assert_ne!(second, first);
+    server.expect_log("maximum-requests reached (3 requests served)", WAIT);
+}
+
+#[test]
+fn inactivity_timeout_restarts_an_idle_process() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess idle processes=1 threads=1 inactivity-timeout=2\n\
+         WSGIScriptAlias /whoami @APPS@/whoami.wsgi process-group=idle\n",
+    );
+    let first = pid_of(&server, "/whoami");
+    server.expect_log("inactivity-timeout: no request for 2s", WAIT);
+    let second = new_pid_within(&server, "/whoami", first);
+    assert_ne!(second, first);
+}
+
+#[test]
+fn restart_interval_restarts_periodically() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess periodic processes=1 threads=2 restart-interval=2\n\
+         WSGIScriptAlias /whoami @APPS@/whoami.wsgi process-group=periodic\n",
+    );
+    let first = pid_of(&server, "/whoami");
+    server.expect_log("restart-interval of 2s reached", WAIT);
+    assert_ne!(new_pid_within(&server, "/whoami", first), first);
+}
+
+#[test]
+fn request_timeout_abandons_a_stuck_request_and_recovers() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess stuck processes=1 threads=2 request-timeout=2\n\
+         WSGIScriptAlias /sleep @APPS@/sleep.wsgi process-group=stuck\n\
+         WSGIScriptAlias /whoami @APPS@/whoami.wsgi process-group=stuck\n",
+    );
+    let first = pid_of(&server, "/whoami");
+    let started = Instant::now();
+    let r = server.try_request("GET", "/sleep?30", &[], b"");
+    let status = r.as_ref().map(|r| r.status).unwrap_or(0);
+    assert!(status == 0 || status >= 500, "a stuck request got {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the stuck request was not cut off"
+    );
+    server.expect_log(
+        "request-timeout: a request has been running for more than 2s",
+        WAIT,
+    );
+    assert_ne!(new_pid_within(&server, "/whoami", first), first);
+}
+
+#[test]
+fn queue_timeout_answers_504_when_all_threads_are_busy() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess queue processes=1 threads=1 queue-timeout=1\n\
+         WSGIScriptAlias /sleep @APPS@/sleep.wsgi process-group=queue\n",
+    );
+    let addr = server.addr();
+    let slow = std::thread::spawn(move || http_request(addr, "GET", "/sleep?3", &[], b""));
+    std::thread::sleep(Duration::from_millis(300));
+    let r = server.get("/sleep?0");
+    assert_eq!(r.status, 504, "{r:?}\n{}", server.error_log());
+    server.expect_log(
+        "Queue timeout expired for WSGI daemon process 'queue'",
+        WAIT,
+    );
+    let slow = slow.join().unwrap().unwrap();
+    assert_eq!(slow.status, 200);
+}
+
+#[test]
+fn script_change_restarts_the_process_with_new_code() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess reload processes=1 threads=2\n\
+         WSGIScriptAlias /v @ROOT@/apps/version.wsgi process-group=reload\n",
+    );
+    let script = server.apps_dir().join("version.wsgi");
+    let app = |version: &str| {
+        format!(
+            "import os\n\
+             def application(environ, start_response):\n    \
+             body = ('{version} %d' % os.getpid()).encode()\n    \
+             start_response('200 OK', [('Content-Type', 'text/plain')])\n    \
+             return [body]\n"
+        )
+    };
+    std::fs::write(&script, app("one")).unwrap();
+    let r = server.get("/v");
+    assert!(
+        r.text().starts_with("one "),
+        "{r:?}\n{}",
+        server.error_log()
+    );
+    let first_pid = r.text().split(' ').nth(1).unwrap_or("").to_string();
+    // A new mtime, whatever the clock's resolution.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&script, app("two")).unwrap();
+    let r = server.get("/v");
+    assert!(
+        r.text().starts_with("two "),
+        "the changed script was not reloaded: {r:?}"
+    );
+    server.expect_log(
+        "has changed; reloading it and restarting this daemon process",
+        WAIT,
+    );
+    let mut pid = first_pid.clone();
+    assert!(wait_until(WAIT, || {
+        let r = server.get("/v");
+        pid = r.text().split(' ').nth(1).unwrap_or("").to_string();
+        r.text().starts_with("two ") && pid != first_pid
+    }));
+}
+
+#[test]
+fn script_reloading_off_keeps_the_loaded_code() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess keep processes=1 threads=2\n\
+         WSGIScriptReloading Off\n\
+         WSGIScriptAlias /v @ROOT@/apps/version.wsgi process-group=keep\n",
+    );
+    let script = server.apps_dir().join("version.wsgi");
+    let app = |version: &str| {
+        format!(
+            "def application(environ, start_response):\n    \
+             start_response('200 OK', [('Content-Type', 'text/plain')])\n    \
+             return [b'{version}']\n"
+        )
+    };
+    std::fs::write(&script, app("one")).unwrap();
+    assert_eq!(server.get("/v").text(), "one");
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&script, app("two")).unwrap();
+    assert_eq!(server.get("/v").text(), "one");
+}
