@@ -868,3 +868,22 @@ fn script_user_refuses_scripts_of_other_owners() {
         &with_id(&["hello.wsgi"]),
     );
 }
+
+/// display-name=%{GROUP} shows the daemon as "(wsgi:NAME)" in ps; a literal name as written.
+#[test]
+fn display_name_sets_the_process_title() {
+    let server = TestServer::start(
+        "WSGIDaemonProcess titled processes=1 threads=1 display-name=%{GROUP}\n\
+         WSGIDaemonProcess named processes=1 threads=1 display-name=custom-title\n\
+         WSGIScriptAlias /titled @APPS@/whoami.wsgi process-group=titled\n\
+         WSGIScriptAlias /named @APPS@/whoami.wsgi process-group=named\n",
+    );
+    for (path, want) in [("/titled", "(wsgi:titled)"), ("/named", "custom-title")] {
+        let pid = get_json(&server, path).u64_of("pid");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let shown = String::from_utf8_lossy(&cmdline);
+        assert!(shown.trim_end_matches('\0').starts_with(want), "{path}: ps shows {shown:?}");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        assert!(want.starts_with(comm.trim()), "{path}: comm is {comm:?}");
+    }
+}

@@ -25,8 +25,9 @@ use crate::wsgi_log;
 #[derive(Clone, Copy)]
 pub struct ParentHooks {
     pub watch: fn(pid: i32, slot: usize),
-    /// Returns the inherited descriptors the daemon must keep (the error logs).
-    pub in_child: fn() -> Vec<i32>,
+    /// Given the process title (display-name=), if any; returns the inherited descriptors the
+    /// daemon must keep (the error logs).
+    pub in_child: fn(Option<&str>) -> Vec<i32>,
 }
 
 struct Slot {
@@ -126,7 +127,7 @@ impl Supervisor {
         let in_child = self.hooks.in_child;
         let parent_pid = self.parent_pid;
         let forked = fork_daemon(move || {
-            let mut keep = in_child();
+            let mut keep = in_child(group.spec.process_title().as_deref());
             super::origin::forget_secrets_except(group_index);
             // A daemon must never accept another group's requests, nor hold anything else of
             // Apache's: keep stdio, the error logs and our own listener only.

@@ -409,7 +409,10 @@ unsafe fn socket_prefix(
 /// HTTP listeners, the scoreboard shared with the workers) and say which inherited
 /// descriptors to keep (the error logs). Everything else is closed by the caller, so a
 /// user's app cannot write the MPM's pipe of death, the access logs or the scoreboard.
-fn prepare_daemon_child() -> Vec<RawFd> {
+fn prepare_daemon_child(title: Option<&str>) -> Vec<RawFd> {
+    if let Some(title) = title {
+        set_process_title(title);
+    }
     // SAFETY: closes the listener sockets this forked process inherited.
     unsafe { ffi::ap_close_listeners() };
     // SAFETY: the scoreboard image was set up by the parent before forking us; its `global`
@@ -439,6 +442,41 @@ fn prepare_daemon_child() -> Vec<RawFd> {
         }
     }
     keep
+}
+
+/// display-name=: what `ps` shows for this daemon. The command line shown by `ps -f` lives in
+/// the memory of the original argv strings, so the title is written over them (as mod_wsgi
+/// does), cut to fit; the short name (`ps -e`, `top`) is set with prctl.
+fn set_process_title(title: &str) {
+    let _ = nix::sys::prctl::set_name(&super::pool::cstring(&title.chars().take(15).collect::<String>()));
+    let main = MAIN_SERVER_FOR_CHILD.load(Ordering::Acquire);
+    if main.is_null() {
+        return;
+    }
+    // SAFETY: process->argv is main()'s argv: argc NUL-terminated strings that the kernel laid
+    // out back to back. We only write inside [argv[0], end of the last string) and only after
+    // checking that the strings are contiguous; nothing in a daemon reads argv afterwards.
+    unsafe {
+        let process = (*main).process;
+        let (argv, argc) = ((*process).argv, (*process).argc);
+        if argv.is_null() || argc < 1 || (*argv).is_null() {
+            return;
+        }
+        let start = *argv as *mut u8;
+        let mut end = start;
+        for i in 0..argc as usize {
+            let arg = *argv.add(i) as *mut u8;
+            if arg.is_null() || (i > 0 && arg != end.add(1)) {
+                break;
+            }
+            end = arg.add(std::ffi::CStr::from_ptr(arg.cast()).to_bytes().len());
+        }
+        let room = end.offset_from(start) as usize;
+        let bytes = title.as_bytes();
+        let n = bytes.len().min(room);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), start, n);
+        std::ptr::write_bytes(start.add(n), 0, room + 1 - n);
+    }
 }
 
 /// The main server, for walking the server list in a forked daemon.
