@@ -181,3 +181,61 @@ fn script_reloading_off_keeps_the_loaded_code() {
     std::fs::write(&script, app("two")).unwrap();
     assert_eq!(server.get("/v").text(), "one");
 }
+
+/// A bounded load (4 clients for ~20 s on loopback) while `apache2 -k graceful` is sent 5
+/// times: not one request may fail. Prints the counts.
+#[test]
+fn graceful_restarts_under_load_fail_no_request() {
+    let mut server = TestServer::start(
+        "WSGIDaemonProcess busy processes=2 threads=4\n\
+         WSGIScriptAlias /hello @APPS@/hello.wsgi process-group=busy\n",
+    );
+    assert_eq!(server.get("/hello").status, 200);
+    let addr = server.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match http_request(addr, "GET", "/hello", &[], b"") {
+                        Ok(r) if r.status == 200 && r.body == b"Hello World!" => ok += 1,
+                        Ok(r) => {
+                            failed += 1;
+                            errors.push(format!("status {}", r.status));
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            errors.push(format!("{e:?}"));
+                        }
+                    }
+                }
+                (ok, failed, errors)
+            })
+        })
+        .collect();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(3));
+        server.graceful();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
+    for client in clients {
+        let (o, f, e) = client.join().unwrap();
+        ok += o;
+        failed += f;
+        errors.extend(e);
+    }
+    eprintln!(
+        "graceful under load: {ok} requests succeeded, {failed} failed during 5 graceful restarts"
+    );
+    assert!(ok > 1000, "too little load to mean anything: {ok}");
+    assert_eq!(
+        failed,
+        0,
+        "failed requests: {errors:?}\n{}",
+        server.error_log()
+    );
+}

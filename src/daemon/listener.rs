@@ -15,9 +15,23 @@ use nix::unistd::{self, Gid, Uid};
 /// The longest socket path the kernel accepts (sun_path is 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
 
-/// Binds and listens on `path`. A stale file of a previous run is removed first.
+/// Binds and listens on `path`, replacing whatever is there in one step: the socket is made
+/// under a temporary name and renamed over `path`, so a worker connecting during a graceful
+/// restart finds either the old socket or the new one, never nothing.
 /// The socket is non-blocking (each daemon thread polls it) and close-on-exec.
 pub fn create(path: &Path, backlog: u32, owner: Option<(u32, u32)>) -> io::Result<OwnedFd> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".new");
+    let temporary = std::path::PathBuf::from(temporary);
+    let fd = bind_private(&temporary, backlog, owner)?;
+    if let Err(err) = fs::rename(&temporary, path) {
+        remove(&temporary);
+        return Err(err);
+    }
+    Ok(fd)
+}
+
+fn bind_private(path: &Path, backlog: u32, owner: Option<(u32, u32)>) -> io::Result<OwnedFd> {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -105,6 +119,26 @@ pub fn remove_stale(prefix: &Path) {
             Err(nix::errno::Errno::ESRCH)
         );
         if gone && pid != std::process::id() as i32 {
+            remove(&entry.path());
+        }
+    }
+}
+
+/// Removes this parent's sockets under `prefix` that belong to no current group (a group
+/// removed by a graceful restart).
+pub fn remove_unlisted(prefix: &Path, current: &[std::path::PathBuf]) {
+    let (Some(dir), Some(base)) = (prefix.parent(), prefix.file_name().and_then(|b| b.to_str()))
+    else {
+        return;
+    };
+    let ours = format!("{base}.{}.", std::process::id());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(&ours) && name.ends_with(".sock") && !current.contains(&entry.path()) {
             remove(&entry.path());
         }
     }

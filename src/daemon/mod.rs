@@ -49,6 +49,14 @@ impl Registry {
     }
 }
 
+/// FNV-1a of a group name: stable across builds and restarts, for socket file names (group
+/// names may hold characters that do not belong in a path).
+pub fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 static REGISTRY: RwLock<Option<Arc<Registry>>> = RwLock::new(None);
 
 /// Published by the parent at post_config, before any worker or daemon is forked, so every

@@ -28,6 +28,8 @@ pub struct ParentHooks {
     /// Given the process title (display-name=), if any; returns the inherited descriptors the
     /// daemon must keep (the error logs).
     pub in_child: fn(Option<&str>) -> Vec<i32>,
+    /// Hands a draining daemon of the old generation to the MPM to reap.
+    pub adopt: fn(pid: i32),
 }
 
 struct Slot {
@@ -234,7 +236,7 @@ pub fn apache_stopping() {
 /// SIGKILL; reaps them and removes the sockets. Runs when Apache's configuration pool is
 /// cleared (restart, graceful, stop); does nothing in any process but the parent.
 pub fn stop_all() {
-    let Some(mut supervisor) = state().take() else {
+    let Some(supervisor) = state().take() else {
         return;
     };
     if supervisor.parent_pid != std::process::id() {
@@ -242,7 +244,9 @@ pub fn stop_all() {
         *state() = Some(supervisor);
         return;
     }
-    supervisor.stopping = true;
+    if !supervisor.stopping {
+        return drain_for_graceful_restart(&supervisor);
+    }
     let mut running: Vec<(Pid, Duration)> = Vec::new();
     for slot in &supervisor.slots {
         if let Some(pid) = slot.pid {
@@ -285,6 +289,26 @@ pub fn stop_all() {
     for group in &supervisor.registry.groups {
         listener::remove(&group.socket_path);
     }
+}
+
+/// `apachectl graceful`: the old daemons are asked to drain (SIGUSR1: keep serving what is
+/// already queued, finish requests in flight within graceful-timeout, then exit) and handed to
+/// the MPM to reap, so the parent does not wait for them. Their socket files stay: the new
+/// generation renames its sockets over the same paths, and the new daemons accept the old
+/// workers' requests (the group secrets survive the restart).
+fn drain_for_graceful_restart(supervisor: &Supervisor) {
+    for slot in &supervisor.slots {
+        if let Some(pid) = slot.pid {
+            if kill(Pid::from_raw(pid), Signal::SIGUSR1).is_ok() {
+                (supervisor.hooks.adopt)(pid);
+            }
+        }
+    }
+    wsgi_log!(
+        Level::Info,
+        "WSGIRS0424: Graceful restart: daemon processes of the previous configuration finish \
+         the requests they have, then exit."
+    );
 }
 
 /// In an Apache worker process: close every group's listening socket so a worker can never

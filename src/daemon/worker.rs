@@ -97,6 +97,13 @@ pub fn run(ctx: DaemonContext) -> i32 {
                             "WSGIRS0443: [{name_for_signals}] Restarting daemon process \
                              gracefully: cpu-time-limit reached."
                         )),
+                        // Apache's graceful restart: the new generation's socket has taken our
+                        // path; serve what already reached ours for a moment, then drain.
+                        Ok(Signal::SIGUSR1 | Signal::SIGWINCH) => {
+                            RESTART_REQUESTED.store(true, Ordering::SeqCst);
+                            std::thread::sleep(DRAIN_WINDOW);
+                            return stop.trigger();
+                        }
                         Ok(_) => return stop.trigger(),
                         Err(_) => return,
                     }
@@ -193,6 +200,8 @@ pub fn run(ctx: DaemonContext) -> i32 {
 /// This process's stop signal, for a restart requested from inside (see `request_restart`).
 static PROCESS_STOP: OnceLock<Arc<StopSignal>> = OnceLock::new();
 static RESTART_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// After Apache's graceful signal, how long a daemon keeps accepting on its old socket.
+const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 /// Requests in flight are stuck (request-timeout, deadlock-timeout): exit without waiting.
 static IMMEDIATE_EXIT: AtomicBool = AtomicBool::new(false);
 
@@ -329,6 +338,12 @@ fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime, index:
             }
         }
         if stop.is_set() {
+            // Serve whatever already waits in the backlog: those requests reached us before
+            // we stopped and have nowhere else to go.
+            while let Ok(fd) = accept4(listen_fd, SockFlag::SOCK_CLOEXEC) {
+                let stream = UnixStream::from(listener::own_accepted(fd));
+                serve_connection(stream, group);
+            }
             return;
         }
         match accept4(listen_fd, SockFlag::SOCK_CLOEXEC) {

@@ -16,6 +16,7 @@ use super::pool::{cstr_lossy, on_cleanup, pool_box};
 use super::{children, directives, log, request};
 use crate::config::daemon_process::{AccountLookup, SystemAccounts};
 use crate::config::{self, DirConfig, ServerConfig};
+use crate::daemon::origin::{Secret, SECRET_LEN};
 use crate::daemon::{self, listener, privileges::Identity, supervisor, GroupRuntime, Registry};
 use crate::logging::Level;
 
@@ -245,8 +246,6 @@ unsafe fn start_daemons(
 
     // SAFETY: ptemp is live during post_config.
     let prefix = unsafe { socket_prefix(ptemp, main_config) }?;
-    // SAFETY: live main server.
-    let generation = unsafe { next_generation(main) };
     // SAFETY: reading the main server's Timeout.
     let apache_timeout =
         Duration::from_micros(u64::try_from(unsafe { (*main).timeout }).unwrap_or(60_000_000));
@@ -254,10 +253,12 @@ unsafe fn start_daemons(
     let mut groups = Vec::with_capacity(defined.len());
     for (index, def) in defined.into_iter().enumerate() {
         let spec = def.spec;
+        // Stable across graceful restarts (the parent's pid and the group's name), so a
+        // worker of the old generation still reaches the group through the new socket.
         let socket_path = PathBuf::from(format!(
-            "{prefix}.{}.{}.{index}.sock",
+            "{prefix}.{}.{:016x}.sock",
             std::process::id(),
-            generation
+            daemon::name_hash(&spec.name)
         ));
         let length = socket_path.as_os_str().len();
         if length > listener::MAX_SOCKET_PATH {
@@ -332,17 +333,22 @@ unsafe fn start_daemons(
     for warning in config::unconfigured_selections() {
         log::server_log(main, Level::Warn, &warning);
     }
-    let secrets = (0..groups.len())
-        .map(|_| daemon::origin::new_secret())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            format!("WSGIRS0406: Cannot read random bytes for the daemon origin secrets: {e}")
-        })?;
+    let secrets = groups
+        .iter()
+        // SAFETY: live main server.
+        .map(|g| unsafe { group_secret(main, &g.spec.name) })
+        .collect::<Result<Vec<_>, _>>()?;
     daemon::origin::install_secrets(secrets);
     let registry = Arc::new(Registry { groups });
     daemon::publish_arc(Arc::clone(&registry));
     let owner = is_root.then_some((apache_uid, apache_gid));
     listener::remove_stale(std::path::Path::new(&prefix));
+    let current: Vec<PathBuf> = registry
+        .groups
+        .iter()
+        .map(|g| g.socket_path.clone())
+        .collect();
+    listener::remove_unlisted(std::path::Path::new(&prefix), &current);
     // Registered first, so daemons forked before a failure part-way are still stopped.
     // SAFETY: pconf is live; the cleanup runs when Apache restarts or stops.
     unsafe { on_cleanup(pconf, Box::new(supervisor::stop_all)) };
@@ -351,6 +357,7 @@ unsafe fn start_daemons(
         supervisor::ParentHooks {
             watch: children::watch,
             in_child: prepare_daemon_child,
+            adopt: adopt_draining_daemon,
         },
         owner,
     )
@@ -358,24 +365,35 @@ unsafe fn start_daemons(
     Ok(())
 }
 
-/// A counter of configuration generations, kept in the process pool because Apache unloads
-/// and reloads this module (and so resets its statics) on every restart. It makes each
-/// generation's socket paths unique.
+/// Each group's origin secret, kept in the process pool so it survives graceful restarts
+/// (Apache reloads this module, resetting its statics): a worker of the old generation still
+/// proves itself to the new daemons. A group seen for the first time gets a fresh secret.
 ///
 /// # Safety
 /// `main` is the live main server.
-unsafe fn next_generation(main: *mut ffi::server_rec) -> usize {
-    const KEY: &std::ffi::CStr = c"mod_wsgi_rs.generation";
-    // SAFETY: the process pool lives as long as Apache; the value is a plain integer stored
-    // in the pointer, and apr_pool_userdata_set copies the key (our static string is
-    // unloaded with the module on restart).
+unsafe fn group_secret(main: *mut ffi::server_rec, group: &str) -> Result<Secret, String> {
+    let key = super::pool::cstring(&format!("mod_wsgi_rs.secret.{group}"));
+    // SAFETY: the process pool lives as long as Apache; the stored value is SECRET_LEN bytes
+    // allocated from that pool; apr_pool_userdata_set copies the key.
     unsafe {
         let pool = (*(*main).process).pool;
-        let mut current: *mut c_void = ptr::null_mut();
-        ffi::apr_pool_userdata_get(&mut current, KEY.as_ptr(), pool);
-        let generation = current as usize;
-        ffi::apr_pool_userdata_set((generation + 1) as *const c_void, KEY.as_ptr(), None, pool);
-        generation
+        let mut stored: *mut c_void = ptr::null_mut();
+        ffi::apr_pool_userdata_get(&mut stored, key.as_ptr(), pool);
+        if !stored.is_null() {
+            let mut secret = [0u8; SECRET_LEN];
+            ptr::copy_nonoverlapping(stored.cast::<u8>(), secret.as_mut_ptr(), SECRET_LEN);
+            return Ok(secret);
+        }
+        let secret = daemon::origin::new_secret().map_err(|e| {
+            format!("WSGIRS0406: Cannot read random bytes for the daemon origin secrets: {e}")
+        })?;
+        let copy = ffi::apr_palloc(pool, SECRET_LEN).cast::<u8>();
+        if copy.is_null() {
+            return Err("WSGIRS0406: Cannot allocate the daemon origin secret.".into());
+        }
+        ptr::copy_nonoverlapping(secret.as_ptr(), copy, SECRET_LEN);
+        ffi::apr_pool_userdata_set(copy.cast::<c_void>(), key.as_ptr(), None, pool);
+        Ok(secret)
     }
 }
 
@@ -403,6 +421,17 @@ unsafe fn socket_prefix(
     }
     // SAFETY: Apache returned a pool string.
     Ok(unsafe { cstr_lossy(raw) })
+}
+
+/// A daemon of the previous generation drains after a graceful restart: the MPM reaps it (and
+/// kills it if Apache stops meanwhile), as it does its own old workers.
+fn adopt_draining_daemon(pid: i32) {
+    let mut generation: c_int = 0;
+    // SAFETY: plain queries and registration with the MPM, in the parent.
+    unsafe {
+        ffi::ap_mpm_query(ffi::AP_MPMQ_GENERATION as c_int, &mut generation);
+        ffi::ap_register_extra_mpm_process(pid, generation);
+    }
 }
 
 /// In a freshly forked daemon, before it drops root: give up what belongs to Apache (its
@@ -448,7 +477,9 @@ fn prepare_daemon_child(title: Option<&str>) -> Vec<RawFd> {
 /// the memory of the original argv strings, so the title is written over them (as mod_wsgi
 /// does), cut to fit; the short name (`ps -e`, `top`) is set with prctl.
 fn set_process_title(title: &str) {
-    let _ = nix::sys::prctl::set_name(&super::pool::cstring(&title.chars().take(15).collect::<String>()));
+    let _ = nix::sys::prctl::set_name(&super::pool::cstring(
+        &title.chars().take(15).collect::<String>(),
+    ));
     let main = MAIN_SERVER_FOR_CHILD.load(Ordering::Acquire);
     if main.is_null() {
         return;
