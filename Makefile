@@ -13,7 +13,7 @@ SO_DEBUG := target/debug/libmod_wsgi_rs.so
 DEMO_ROOT ?= /tmp/mod_wsgi_rs-demo
 DEMO_PORT ?= 8080
 
-.PHONY: help build deps users install demo test unit integration lint clean
+.PHONY: help build deps users install demo test unit integration lint clean bench
 
 help: ## Show this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,10 @@ demo: deps build ## Serve apache-conf/examples on 127.0.0.1:8080 in the foregrou
 test: deps ## Build, then run the unit and integration tests (integration needs apache2; root for setuid tests)
 	$(CARGO) build
 	$(CARGO) test --no-fail-fast -- --test-threads=4
+
+bench: deps ## Release build, then mod_wsgi_rs vs Debian's mod_wsgi, A B A B (BENCH_QUICK=1: ~1 min; see bench/bench.py)
+	$(CARGO) build --release
+	$(PYTHON) bench/bench.py
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --check

@@ -1588,7 +1588,7 @@ type Head = (u16, String, Vec<(String, String)>, u64);
 
 const MAX_LINE: usize = 65536;
 
-fn read_line_limited(reader: &mut BufReader<&TcpStream>) -> io::Result<Option<String>> {
+fn read_line_limited<R: BufRead>(reader: &mut R) -> io::Result<Option<String>> {
     let mut line = Vec::new();
     let n = reader
         .by_ref()
@@ -1618,6 +1618,16 @@ fn read_response(
     on_chunk: &mut dyn FnMut(&[u8]),
 ) -> Result<Head, HttpError> {
     let mut reader = BufReader::with_capacity(65536, stream);
+    read_response_from(&mut reader, method, on_chunk)
+}
+
+/// `read_response` on a reader that outlives one response (keep-alive connections).
+fn read_response_from<R: BufRead>(
+    reader: &mut R,
+    method: &str,
+    on_chunk: &mut dyn FnMut(&[u8]),
+) -> Result<Head, HttpError> {
+    let mut reader = reader;
     // Status line and headers, skipping interim 1xx responses.
     let (status, reason, headers) = loop {
         let line = match read_line_limited(&mut reader) {
@@ -2272,4 +2282,449 @@ impl JsonParser<'_> {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keep-alive connections (several requests on one TCP connection, raw bytes, early close)
+// ---------------------------------------------------------------------------------------------
+
+/// One TCP connection to the server that stays open across requests (HTTP/1.1 keep-alive):
+/// no `Connection: close` is added. Also lets a test write raw bytes (a slow upload, a
+/// pipelined pair of requests), read part of a response, and drop the connection mid-way.
+pub struct KeepAlive {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    port: u16,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> io::Result<KeepAlive> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let _ = stream.set_nodelay(true);
+        let reader = BufReader::with_capacity(65536, stream.try_clone()?);
+        Ok(KeepAlive {
+            stream,
+            reader,
+            port: addr.port(),
+        })
+    }
+
+    /// Read timeout for what follows (IO_TIMEOUT by default).
+    pub fn set_read_timeout(&self, timeout: Duration) {
+        let _ = self.stream.set_read_timeout(Some(timeout));
+    }
+
+    /// The request head as `http_stream` writes it, except that no `Connection` header is
+    /// added; Content-Length is added for a body (or for POST/PUT/PATCH) unless given, or
+    /// when `Transfer-Encoding` is given.
+    pub fn head(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body_len: u64,
+    ) -> String {
+        let has = |name: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+        let mut head = format!("{method} {path} HTTP/1.1\r\n");
+        if !has("host") {
+            head.push_str(&format!("Host: 127.0.0.1:{}\r\n", self.port));
+        }
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let body_methods = matches!(method, "POST" | "PUT" | "PATCH");
+        if !has("content-length") && !has("transfer-encoding") && (body_len > 0 || body_methods) {
+            head.push_str(&format!("Content-Length: {body_len}\r\n"));
+        }
+        head.push_str("\r\n");
+        head
+    }
+
+    /// Writes bytes as they are.
+    pub fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Writes one request (head and body) without reading anything.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<()> {
+        let mut bytes = self
+            .head(method, path, headers, body.len() as u64)
+            .into_bytes();
+        bytes.extend_from_slice(body);
+        self.write_raw(&bytes)
+    }
+
+    /// Reads the next response; `method` tells whether a body follows (HEAD has none).
+    pub fn read_response(&mut self, method: &str) -> Result<Response, HttpError> {
+        let mut body = Vec::new();
+        let (status, reason, headers, _) =
+            read_response_from(&mut self.reader, method, &mut |c| body.extend_from_slice(c))?;
+        Ok(Response {
+            status,
+            reason,
+            headers,
+            body,
+        })
+    }
+
+    /// `send` then `read_response`.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Response, HttpError> {
+        self.send(method, path, headers, body)
+            .map_err(|error| HttpError::Io {
+                during: "send request",
+                error,
+            })?;
+        self.read_response(method)
+    }
+
+    /// Up to `max` raw bytes (head and body alike) as they arrive; empty at EOF.
+    pub fn read_some(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; max];
+        let n = self.reader.read(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// True when the server has closed the connection (EOF within `wait`); false when it is
+    /// still open (the read timed out) or unexpected data arrived.
+    pub fn closed_by_server(&mut self, wait: Duration) -> bool {
+        self.set_read_timeout(wait);
+        let mut byte = [0u8; 1];
+        match self.reader.read(&mut byte) {
+            Ok(0) => true,
+            Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    }
+
+    /// Closes both directions now (what a client that goes away does).
+    pub fn abort(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl TestServer {
+    /// A keep-alive connection to this server; panics when it cannot connect.
+    pub fn connect(&self) -> KeepAlive {
+        KeepAlive::connect(self.addr())
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.addr()))
+    }
+
+    /// The error log from byte `offset` on (what was logged since `error_log().len()`).
+    pub fn error_log_since(&self, offset: usize) -> String {
+        let log = self.error_log();
+        log.get(offset..).unwrap_or("").to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scratch directories (world-writable: daemons write marker files there)
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh directory under TESTS_DIR, mode 0777 so that daemon processes of any user can
+/// leave marker files in it. Exists before Apache starts (unlike the ServerRoot), so a
+/// fragment may name it. Removed on drop unless the test panicked or MOD_WSGI_RS_KEEP is set.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new(tag: &str) -> ScratchDir {
+        mkdir_mode(Path::new(TESTS_DIR), 0o1777);
+        let n = ROOT_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = Path::new(TESTS_DIR).join(format!(
+            "scratch-{}-{tag}-{}-{n}",
+            path_safe_name(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&path);
+        mkdir_mode(&path, 0o777);
+        ScratchDir { path }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+    /// Writes a file readable by all.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.path.join(name);
+        fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        set_mode(&path, 0o644);
+        path
+    }
+    /// Polls until `name` exists; returns its contents.
+    pub fn wait_for_file(&self, name: &str, timeout: Duration) -> Option<String> {
+        let path = self.path.join(name);
+        let mut contents = None;
+        wait_until(timeout, || {
+            contents = fs::read(&path)
+                .ok()
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            contents.is_some()
+        });
+        contents
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let _ = writeln!(io::stderr(), "scratch dir kept: {}", self.path.display());
+        } else if !keep_roots() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CRC-32 (the same as Python's zlib.crc32)
+// ---------------------------------------------------------------------------------------------
+
+/// Incremental CRC-32 (IEEE 802.3, reflected, as zlib).
+#[derive(Clone)]
+pub struct Crc32 {
+    table: [u32; 256],
+    crc: u32,
+}
+
+impl Default for Crc32 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Crc32 {
+    pub fn new() -> Crc32 {
+        let mut table = [0u32; 256];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+            *slot = c;
+        }
+        Crc32 {
+            table,
+            crc: 0xFFFF_FFFF,
+        }
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        let mut c = self.crc;
+        for &b in data {
+            c = self.table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+        }
+        self.crc = c;
+    }
+    pub fn value(&self) -> u32 {
+        self.crc ^ 0xFFFF_FFFF
+    }
+}
+
+/// `zlib.crc32(data)`.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut c = Crc32::new();
+    c.update(data);
+    c.value()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Virtualenvs with packages from PyPI, shared by every test of a run
+// ---------------------------------------------------------------------------------------------
+
+/// The system CPython the module embeds (daemons run the venv made from it).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// Runs `cmd` (output to `log`), waiting at most `timeout`; Err with the output's tail.
+pub fn run_logged(mut cmd: Command, log: &Path, timeout: Duration) -> Result<(), String> {
+    let out = fs::File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let output = fs::read_to_string(log).unwrap_or_default();
+    let tail: String = {
+        let lines: Vec<&str> = output.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    };
+    match status {
+        Some(s) if s.success() => Ok(()),
+        Some(s) => Err(format!("{what} failed ({s}):\n{tail}")),
+        None => Err(format!("{what} did not finish within {timeout:?}:\n{tail}")),
+    }
+}
+
+fn chmod_readable_tree(path: &Path) {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if meta.file_type().is_symlink() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    if meta.is_dir() {
+        set_mode(path, mode | 0o555);
+        if let Ok(entries) = fs::read_dir(path) {
+            for e in entries.flatten() {
+                chmod_readable_tree(&e.path());
+            }
+        }
+    } else {
+        let extra = if mode & 0o100 != 0 { 0o555 } else { 0o444 };
+        set_mode(path, mode | extra);
+    }
+}
+
+/// A virtualenv made with `/usr/bin/python3 -m venv` holding `packages` from PyPI, readable
+/// by every user: `/tmp/mod_wsgi_rs-venv-<hash of the package list>`. Made once per machine
+/// (a `.mod_wsgi_rs-ready` file marks a finished one) under an exclusive lock, so parallel
+/// tests and test binaries wait for one another instead of racing. Err (with pip's output)
+/// when it cannot be made, e.g. PyPI is unreachable: callers `skip` loudly. A failure is
+/// remembered for the rest of this test process, so later tests skip at once.
+pub fn ensure_venv(packages: &[&str]) -> Result<PathBuf, String> {
+    use std::collections::hash_map::DefaultHasher;
+    use std::collections::HashMap;
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::io::AsRawFd;
+    use std::sync::Mutex;
+
+    static FAILED: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+    let mut hasher = DefaultHasher::new();
+    ("mod_wsgi_rs venv v1", SYSTEM_PYTHON, packages).hash(&mut hasher);
+    let dir = PathBuf::from(format!("/tmp/mod_wsgi_rs-venv-{:016x}", hasher.finish()));
+    let key = dir.display().to_string();
+    if let Some(why) = FAILED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(&key))
+    {
+        return Err(why.clone());
+    }
+    let ready = dir.join(".mod_wsgi_rs-ready");
+    let lock_path = PathBuf::from(format!("{key}.lock"));
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own; it is released when `lock` is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(format!(
+            "flock {}: {}",
+            lock_path.display(),
+            io::Error::last_os_error()
+        ));
+    }
+    if ready.is_file() {
+        return Ok(dir);
+    }
+    // Another test of this process may have failed while this one waited for the lock.
+    if let Some(why) = FAILED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(&key))
+    {
+        return Err(why.clone());
+    }
+    let made = (|| -> Result<(), String> {
+        let _ = fs::remove_dir_all(&dir);
+        let _ = writeln!(
+            io::stderr(),
+            "making virtualenv {} with {packages:?} from PyPI (once per machine) …",
+            dir.display()
+        );
+        let log = PathBuf::from(format!("{key}.log"));
+        let mut venv = Command::new(SYSTEM_PYTHON);
+        venv.args(["-m", "venv"]).arg(&dir);
+        run_logged(venv, &log, Duration::from_secs(120))?;
+        let mut pip = Command::new(dir.join("bin/python"));
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--timeout",
+            "30",
+            "--retries",
+            "2",
+        ])
+        .args(packages)
+        .env("PIP_NO_CACHE_DIR", "1");
+        run_logged(pip, &log, Duration::from_secs(300))?;
+        chmod_readable_tree(&dir);
+        set_mode(Path::new(&dir), 0o755);
+        fs::write(&ready, packages.join("\n")).map_err(|e| e.to_string())?;
+        set_mode(&ready, 0o644);
+        Ok(())
+    })();
+    match made {
+        Ok(()) => Ok(dir),
+        Err(why) => {
+            let _ = fs::remove_dir_all(&dir);
+            FAILED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(key, why.clone());
+            Err(why)
+        }
+    }
+}
+
+/// `let venv = require_venv!(&["six"]);` — the virtualenv, or a loud skip and return.
+#[allow(unused_macros)]
+macro_rules! require_venv {
+    ($packages:expr) => {
+        match $crate::common::ensure_venv($packages) {
+            Ok(dir) => dir,
+            Err(why) => {
+                $crate::common::skip(&format!(
+                    "cannot make a virtualenv with {:?} from PyPI: {}",
+                    $packages, why
+                ));
+                return;
+            }
+        }
+    };
 }
