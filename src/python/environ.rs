@@ -27,14 +27,21 @@ pub fn build<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let environ = PyDict::new(py);
     let mut https = false;
+    let mut path_info = false;
     for (key, value) in pairs {
-        if *key == b"HTTPS" {
-            https = matches!(value.to_ascii_lowercase().as_slice(), b"on" | b"1");
+        match *key {
+            b"HTTPS" => https = matches!(value.to_ascii_lowercase().as_slice(), b"on" | b"1"),
+            b"PATH_INFO" => path_info = true,
+            _ => {}
         }
         environ.set_item(
             PyString::new(py, &latin1(key)),
             PyString::new(py, &latin1(value)),
         )?;
+    }
+    // Apache leaves PATH_INFO out when it is empty; WSGI apps (and mod_wsgi) expect ''.
+    if !path_info {
+        environ.set_item("PATH_INFO", "")?;
     }
     environ.set_item("wsgi.version", PyTuple::new(py, [1, 0])?)?;
     environ.set_item("wsgi.url_scheme", if https { "https" } else { "http" })?;
