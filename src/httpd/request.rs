@@ -268,8 +268,11 @@ fn report(r: *mut ffi::request_rec, err: &ProxyError) -> c_int {
     if err.headers_sent() {
         // The status line is gone: cut the connection so the client sees an incomplete
         // response instead of a clean, short one.
-        // SAFETY: live request and connection.
+        // SAFETY: live request and connection. What was produced goes out first (the status
+        // line and the partial body), then the connection is cut so the client cannot take
+        // the short response for a complete one.
         unsafe {
+            ffi::ap_rflush(r);
             let c = (*r).connection;
             (*c).keepalive = ffi::ap_conn_keepalive_e_AP_CONN_CLOSE;
             (*c).aborted = 1;

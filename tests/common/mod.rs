@@ -2469,13 +2469,15 @@ impl ScratchDir {
         set_mode(&path, 0o644);
         path
     }
-    /// Polls until `name` exists; returns its contents.
+    /// Polls until `name` exists and is not empty (a writer may have created it but not yet
+    /// written it); returns its contents.
     pub fn wait_for_file(&self, name: &str, timeout: Duration) -> Option<String> {
         let path = self.path.join(name);
         let mut contents = None;
         wait_until(timeout, || {
             contents = fs::read(&path)
                 .ok()
+                .filter(|b| !b.is_empty())
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
             contents.is_some()
         });
@@ -2627,7 +2629,9 @@ pub fn ensure_venv(packages: &[&str]) -> Result<PathBuf, String> {
     static FAILED: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
 
     let mut hasher = DefaultHasher::new();
-    ("mod_wsgi_rs venv v1", SYSTEM_PYTHON, packages).hash(&mut hasher);
+    // The interpreter's real file (python3.11, …) too: a new Python gets a new virtualenv.
+    let python = fs::canonicalize(SYSTEM_PYTHON).unwrap_or_else(|_| PathBuf::from(SYSTEM_PYTHON));
+    ("mod_wsgi_rs venv v1", &python, packages).hash(&mut hasher);
     let dir = PathBuf::from(format!("/tmp/mod_wsgi_rs-venv-{:016x}", hasher.finish()));
     let key = dir.display().to_string();
     if let Some(why) = FAILED
@@ -2646,6 +2650,8 @@ pub fn ensure_venv(packages: &[&str]) -> Result<PathBuf, String> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    // Whoever runs the tests next (root or not) must be able to take the lock too.
+    set_mode(&lock_path, 0o666);
     // SAFETY: flock on a descriptor we own; it is released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(format!(
