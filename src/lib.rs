@@ -15,3 +15,8 @@ pub mod proxy;
 pub mod python;
 pub mod route;
 pub mod wire;
+
+/// Randomised robustness tests of the parsers, the template expander and the wire decoder;
+/// `make fuzz` runs them for a bounded time (ignored in `make test`).
+#[cfg(test)]
+mod fuzz_tests;
