@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::socket::{accept4, SockFlag};
 use nix::sys::stat::{umask, Mode};
@@ -320,13 +321,10 @@ fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime, index:
     let activity = lifecycle::activity();
     let policy = Policy::from_spec(&group.spec);
     let listener = listener::borrow_inherited(listen_fd);
+    let waiter = AcceptWaiter::new(listener, stop.read_end());
     loop {
-        let mut fds = [
-            PollFd::new(listener, PollFlags::POLLIN),
-            PollFd::new(stop.read_end(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
+        match waiter.wait() {
+            Ok(()) => {}
             Err(Errno::EINTR) => continue,
             Err(err) => {
                 wsgi_log!(
@@ -427,6 +425,43 @@ fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
         }
     }
     python::serve(conn, &pairs[1..], group);
+}
+
+/// Waits until a connection may be accepted or the process stops. Each thread has its own
+/// epoll set with the listener registered EPOLLEXCLUSIVE, so a new connection wakes one
+/// thread rather than every thread of every process of the group; plain poll() is the
+/// fallback where epoll is refused.
+struct AcceptWaiter<'a> {
+    epoll: Option<Epoll>,
+    listener: BorrowedFd<'a>,
+    stop: BorrowedFd<'a>,
+}
+
+impl<'a> AcceptWaiter<'a> {
+    fn new(listener: BorrowedFd<'a>, stop: BorrowedFd<'a>) -> AcceptWaiter<'a> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).ok().filter(|epoll| {
+            let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+            epoll.add(listener, EpollEvent::new(exclusive, 0)).is_ok()
+                && epoll.add(stop, EpollEvent::new(EpollFlags::EPOLLIN, 1)).is_ok()
+        });
+        AcceptWaiter { epoll, listener, stop }
+    }
+
+    fn wait(&self) -> nix::Result<()> {
+        match &self.epoll {
+            Some(epoll) => {
+                let mut events = [EpollEvent::empty(); 2];
+                epoll.wait(&mut events, EpollTimeout::NONE).map(|_| ())
+            }
+            None => {
+                let mut fds = [
+                    PollFd::new(self.listener, PollFlags::POLLIN),
+                    PollFd::new(self.stop, PollFlags::POLLIN),
+                ];
+                poll(&mut fds, PollTimeout::NONE).map(|_| ())
+            }
+        }
+    }
 }
 
 /// How long the request waited between the worker and a daemon thread.
