@@ -92,13 +92,19 @@ impl WireError {
     }
 }
 
-/// Writes one frame with a single vectored write where the kernel allows it.
-pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(payload.len())
+/// The 5-byte header of a frame carrying `len` payload bytes.
+pub fn frame_header(kind: Kind, len: usize) -> io::Result<[u8; HEADER_LEN]> {
+    let len = u32::try_from(len)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
     let mut header = [0u8; HEADER_LEN];
     header[0] = kind as u8;
     header[1..].copy_from_slice(&len.to_le_bytes());
+    Ok(header)
+}
+
+/// Writes one frame with a single vectored write where the kernel allows it.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    let header = frame_header(kind, payload.len())?;
     write_all_vectored(w, &header, payload)
 }
 

@@ -4,16 +4,22 @@
 
 #![forbid(unsafe_code)]
 
-use std::io;
+use std::io::{self, BufReader, IoSlice, Write};
 use std::os::unix::net::UnixStream;
 
 use crate::wire::{self, Kind, WireError};
 
 /// How much body one pull asks the worker for, at least.
 const PULL_SIZE: usize = 64 * 1024;
+/// Frames smaller than this wait in `out` until a flush, so a small response (headers, body
+/// and End) leaves in one write.
+const OUT_CAP: usize = 64 * 1024;
 
 pub struct Connection {
-    stream: UnixStream,
+    /// Reads go through a buffer (a frame header and its payload usually arrive together);
+    /// writes go to the stream itself, batched in `out`.
+    reader: BufReader<UnixStream>,
+    out: Vec<u8>,
     frame: Vec<u8>,
     input: Vec<u8>,
     input_pos: usize,
@@ -30,7 +36,8 @@ pub struct Connection {
 impl Connection {
     pub fn new(stream: UnixStream) -> Connection {
         Connection {
-            stream,
+            reader: BufReader::with_capacity(PULL_SIZE, stream),
+            out: Vec::new(),
             frame: Vec::new(),
             input: Vec::new(),
             input_pos: 0,
@@ -45,7 +52,7 @@ impl Connection {
     /// Reads the Request frame; the returned payload holds the environ pairs.
     pub fn read_request(&mut self) -> Result<Vec<u8>, WireError> {
         let mut payload = Vec::new();
-        match wire::read_frame(&mut self.stream, &mut payload, 0)? {
+        match wire::read_frame(&mut self.reader, &mut payload, 0)? {
             Kind::Request => Ok(payload),
             got => Err(WireError::Unexpected {
                 expected: "a Request frame",
@@ -54,9 +61,20 @@ impl Connection {
         }
     }
 
-    /// Body pulls may wait as long as the client takes; the worker enforces that deadline.
-    pub fn clear_read_timeout(&mut self) {
-        let _ = self.stream.set_read_timeout(None);
+    /// Queues a frame, writing it (with everything queued before it) when `flush` is set or
+    /// the queue would grow past OUT_CAP: one writev for the queue, the header and the payload.
+    fn send_frame(&mut self, kind: Kind, payload: &[u8], flush: bool) -> io::Result<()> {
+        let header = wire::frame_header(kind, payload.len())?;
+        if !flush && self.out.len() + header.len() + payload.len() <= OUT_CAP {
+            self.out.extend_from_slice(&header);
+            self.out.extend_from_slice(payload);
+            return Ok(());
+        }
+        let mut out = std::mem::take(&mut self.out);
+        let result = write_all_slices(self.reader.get_ref(), &[&out, &header, payload]);
+        out.clear();
+        self.out = out;
+        self.note_write(result)
     }
 
     /// Sets the body length from CONTENT_LENGTH (None for a chunked body).
@@ -111,12 +129,8 @@ impl Connection {
         if let Some(left) = self.body_left {
             ask = ask.min(usize::try_from(left).unwrap_or(usize::MAX));
         }
-        wire::write_frame(
-            &mut self.stream,
-            Kind::ReadBody,
-            &wire::encode_u32(ask as u32),
-        )?;
-        match wire::read_frame(&mut self.stream, &mut self.frame, 0)? {
+        self.send_frame(Kind::ReadBody, &wire::encode_u32(ask as u32), true)?;
+        match wire::read_frame(&mut self.reader, &mut self.frame, 0)? {
             Kind::Body if !self.frame.is_empty() => {
                 let mut got = self.frame.len();
                 if let Some(left) = self.body_left.as_mut() {
@@ -198,27 +212,85 @@ impl Connection {
             return Ok(false);
         };
         self.headers_sent = true;
-        let sent = wire::write_frame(&mut self.stream, Kind::Headers, &payload);
-        self.note_write(sent)?;
+        self.send_frame(Kind::Headers, &payload, false)?;
         Ok(true)
     }
 
-    pub fn send_data(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Appends a frame to the queue if it fits, without any I/O.
+    fn queue_if_fits(&mut self, kind: Kind, payload: &[u8]) -> bool {
+        if self.out.len() + wire::HEADER_LEN + payload.len() > OUT_CAP {
+            return false;
+        }
+        self.out.push(kind as u8);
+        self.out
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.out.extend_from_slice(payload);
+        true
+    }
+
+    /// Queues the recorded headers without any I/O; false if there are none or they would
+    /// need a write.
+    pub fn queue_headers(&mut self) -> bool {
+        if self.headers_sent {
+            return false;
+        }
+        let Some(payload) = self.pending_headers.take() else {
+            return false;
+        };
+        if self.queue_if_fits(Kind::Headers, &payload) {
+            self.headers_sent = true;
+        } else {
+            self.pending_headers = Some(payload);
+        }
+        self.headers_sent
+    }
+
+    /// Queues small body bytes without any I/O (false if they need a write: then call
+    /// `send_data` with the GIL released).
+    pub fn try_queue_data(&mut self, data: &[u8]) -> bool {
+        self.headers_sent && self.queue_if_fits(Kind::Data, data)
+    }
+
+    /// Sends body bytes; with `flush` they (and anything queued) leave now, which a streamed
+    /// response needs, otherwise they may wait for the End frame (a list of small chunks).
+    pub fn send_data(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
         for chunk in data.chunks(wire::MAX_CHUNK) {
-            let sent = wire::write_frame(&mut self.stream, Kind::Data, chunk);
-            self.note_write(sent)?;
+            self.send_frame(Kind::Data, chunk, flush)?;
         }
         Ok(())
     }
 
     pub fn send_end(&mut self) -> io::Result<()> {
-        wire::write_frame(&mut self.stream, Kind::End, b"")
+        self.send_frame(Kind::End, b"", true)
     }
 
     /// Asks the worker to answer with `status` itself (only before headers were sent).
     pub fn send_fail(&mut self, status: u16) -> io::Result<()> {
-        wire::write_frame(&mut self.stream, Kind::Fail, &status.to_le_bytes())
+        self.send_frame(Kind::Fail, &status.to_le_bytes(), true)
     }
+}
+
+/// Writes every slice, in order, with as few writev calls as the kernel allows.
+fn write_all_slices(mut stream: &UnixStream, slices: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<&[u8]> = slices.iter().copied().filter(|s| !s.is_empty()).collect();
+    while !slices.is_empty() {
+        let io: Vec<IoSlice<'_>> = slices.iter().map(|s| IoSlice::new(s)).collect();
+        let mut written = match stream.write_vectored(&io) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while let Some(first) = slices.first_mut() {
+            if written < first.len() {
+                *first = &first[written..];
+                break;
+            }
+            written -= first.len();
+            slices.remove(0);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -388,7 +388,10 @@ fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
         return refuse(&err);
     }
     // The worker sends its request at once; an idle connection must not hold a thread.
-    let _ = stream.set_read_timeout(Some(group.socket_timeout.max(Duration::from_secs(1))));
+    // The worker sends its request at once, and answers body pulls as fast as its client
+    // allows (bounded by Apache's Timeout, which socket-timeout defaults to): twice that is a
+    // safe ceiling for every read, so an idle or vanished peer cannot hold a thread forever.
+    let _ = stream.set_read_timeout(Some(group.socket_timeout.max(Duration::from_secs(1)) * 2));
     let mut conn = Connection::new(stream);
     let payload = match conn.read_request() {
         Ok(payload) => payload,
@@ -408,7 +411,6 @@ fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
     if let Err(err) = origin::check_request(&pairs, &secret, name) {
         return refuse(&err);
     }
-    conn.clear_read_timeout();
     if let Some(limit) = group.spec.queue_timeout {
         if let Some(waited) = queue_wait(&pairs) {
             if waited > limit {
@@ -439,12 +441,20 @@ struct AcceptWaiter<'a> {
 
 impl<'a> AcceptWaiter<'a> {
     fn new(listener: BorrowedFd<'a>, stop: BorrowedFd<'a>) -> AcceptWaiter<'a> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).ok().filter(|epoll| {
-            let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-            epoll.add(listener, EpollEvent::new(exclusive, 0)).is_ok()
-                && epoll.add(stop, EpollEvent::new(EpollFlags::EPOLLIN, 1)).is_ok()
-        });
-        AcceptWaiter { epoll, listener, stop }
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .ok()
+            .filter(|epoll| {
+                let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                epoll.add(listener, EpollEvent::new(exclusive, 0)).is_ok()
+                    && epoll
+                        .add(stop, EpollEvent::new(EpollFlags::EPOLLIN, 1))
+                        .is_ok()
+            });
+        AcceptWaiter {
+            epoll,
+            listener,
+            stop,
+        }
     }
 
     fn wait(&self) -> nix::Result<()> {

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyModule, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyModule, PyTuple};
 
 use super::environ::{self, DaemonFacts};
 use super::errors::{log_exception, LogStream};
@@ -321,6 +321,10 @@ fn send_iterable(
     conn: &SharedConnection,
     result: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
+    // A list or tuple is complete already: its chunks can leave together with the End frame.
+    // A generator's chunks leave as they are produced (a streamed response must not wait).
+    let batched =
+        result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>();
     for item in result.try_iter()? {
         let item = item?;
         let bytes = item.cast::<PyBytes>().map_err(|_| {
@@ -332,12 +336,22 @@ fn send_iterable(
                     .unwrap_or_default()
             ))
         })?;
-        send_bytes(py, conn, bytes.as_bytes())?;
+        send_bytes(py, conn, bytes.as_bytes(), !batched)?;
     }
     Ok(())
 }
 
-fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8]) -> PyResult<()> {
+fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8], flush: bool) -> PyResult<()> {
+    if !flush {
+        // Queuing is a memory copy: no need to release the GIL for it.
+        let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.headers_sent() {
+            c.queue_headers();
+        }
+        if c.headers_sent() && (data.is_empty() || c.try_queue_data(data)) {
+            return Ok(());
+        }
+    }
     let conn = Arc::clone(conn);
     py.detach(move || {
         let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -349,7 +363,7 @@ fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8]) -> PyResult<
         if data.is_empty() {
             return Ok(());
         }
-        c.send_data(data)
+        c.send_data(data, flush)
     })
     .map_err(io_to_py)
 }
@@ -459,6 +473,6 @@ impl Write {
         let bytes = data
             .cast::<PyBytes>()
             .map_err(|_| PyTypeError::new_err("write() expects a byte string"))?;
-        send_bytes(py, &self.conn, bytes.as_bytes())
+        send_bytes(py, &self.conn, bytes.as_bytes(), true)
     }
 }
