@@ -154,21 +154,56 @@ impl Supervisor {
     }
 }
 
-/// Describes a wait status for the log ("signal 9 (SIGKILL)", "exit code 3").
-pub fn describe_status(status: WaitStatus) -> String {
-    match status {
-        WaitStatus::Exited(_, code) => format!("exit code {code}"),
-        WaitStatus::Signaled(_, signal, core) => format!(
-            "signal {} ({signal}){}",
-            signal as i32,
-            if core { ", core dumped" } else { "" }
-        ),
-        other => format!("{other:?}"),
+/// How a daemon ended, as far as Apache tells us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildEnd {
+    Exited(i32),
+    Signaled(i32),
+    /// The MPM reports an exit code or a signal number without saying which (1..=64).
+    ExitOrSignal(i32),
+    Unknown,
+}
+
+impl ChildEnd {
+    /// Apache's MPM hands over the exit code (or the signal number) it got from
+    /// apr_proc_wait_all_procs; APR's own refresh path hands over a raw waitpid status.
+    pub fn from_reported(status: Option<i32>) -> ChildEnd {
+        match status {
+            None => ChildEnd::Unknown,
+            Some(raw) if raw > 255 && raw & 0x7f == 0 => ChildEnd::Exited(raw >> 8),
+            Some(raw) if raw > 255 => ChildEnd::Signaled(raw & 0x7f),
+            Some(code @ 1..=64) => ChildEnd::ExitOrSignal(code),
+            Some(code) => ChildEnd::Exited(code),
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            ChildEnd::Exited(code) => format!("exit code {code}"),
+            ChildEnd::Signaled(signal) => format!("signal {signal}"),
+            ChildEnd::ExitOrSignal(n) => {
+                format!("exit code or signal {n} (Apache logs AH00052 when it was a signal)")
+            }
+            ChildEnd::Unknown => "status unknown".to_string(),
+        }
+    }
+}
+
+/// The wait before the next start: doubling (1 s .. 30 s) while the group keeps dying quickly
+/// or failing to set up, none after a clean exit or a process that ran a while. `lived` counts
+/// from the end of the previous back-off, not from the fork.
+pub fn next_backoff(previous: Duration, lived: Duration, end: ChildEnd) -> Duration {
+    let clean = end == ChildEnd::Exited(0);
+    let setup_failed = matches!(end, ChildEnd::Exited(EXIT_SETUP_FAILED));
+    if setup_failed || (lived < QUICK_DEATH && !clean) {
+        (previous * 2).clamp(Duration::from_secs(1), MAX_BACKOFF)
+    } else {
+        Duration::ZERO
     }
 }
 
 /// The MPM reaped one of our daemons (`raw_status` as from waitpid, or None if it was lost).
-pub fn child_died(slot: usize, raw_status: Option<i32>) {
+pub fn child_died(slot: usize, reported: Option<i32>) {
     let mut guard = state();
     let Some(supervisor) = guard.as_mut() else {
         return;
@@ -179,8 +214,8 @@ pub fn child_died(slot: usize, raw_status: Option<i32>) {
     let group_index = supervisor.slots[slot].group;
     let name = supervisor.registry.groups[group_index].spec.name.clone();
     let pid = supervisor.slots[slot].pid.take().unwrap_or(0);
-    let status = raw_status.and_then(|raw| WaitStatus::from_raw(Pid::from_raw(pid), raw).ok());
-    let how = status.map_or_else(|| "status unknown".to_string(), describe_status);
+    let end = ChildEnd::from_reported(reported);
+    let how = end.describe();
     if supervisor.stopping {
         wsgi_log!(
             Level::Info,
@@ -188,18 +223,15 @@ pub fn child_died(slot: usize, raw_status: Option<i32>) {
         );
         return;
     }
-    let lived = supervisor.slots[slot].started.elapsed();
-    let setup_failed = matches!(status, Some(WaitStatus::Exited(_, EXIT_SETUP_FAILED)));
-    let backoff = &mut supervisor.slots[slot].backoff;
-    // A clean exit (a restart the daemon asked for) is never a crash loop.
-    let clean = matches!(status, Some(WaitStatus::Exited(_, 0)));
-    *backoff = if (lived < QUICK_DEATH && !clean) || setup_failed {
-        (*backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF)
-    } else {
-        Duration::ZERO
-    };
-    let delay = *backoff;
-    if clean {
+    let slot_state = &mut supervisor.slots[slot];
+    // The process slept its back-off before starting: that time is not "running".
+    let lived = slot_state
+        .started
+        .elapsed()
+        .saturating_sub(slot_state.backoff);
+    slot_state.backoff = next_backoff(slot_state.backoff, lived, end);
+    let delay = slot_state.backoff;
+    if end == ChildEnd::Exited(0) {
         wsgi_log!(
             Level::Info,
             "WSGIRS0423: Process '{name}' (pid {pid}) exited to restart; starting a new one."
@@ -225,10 +257,18 @@ pub fn child_died(slot: usize, raw_status: Option<i32>) {
     }
 }
 
-/// Apache announced a restart or stop: daemons that die from now on stay dead.
+/// Apache announced a restart or stop (it is about to reclaim its workers): daemons that die
+/// from now on stay dead, and every daemon is told to stop now, so a worker waiting for a
+/// daemon's answer is released within shutdown-timeout instead of being killed by Apache.
 pub fn apache_stopping() {
     if let Some(supervisor) = state().as_mut() {
+        if supervisor.parent_pid != std::process::id() || supervisor.stopping {
+            return;
+        }
         supervisor.stopping = true;
+        for pid in supervisor.slots.iter().filter_map(|slot| slot.pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
     }
 }
 
@@ -251,6 +291,7 @@ pub fn stop_all() {
     for slot in &supervisor.slots {
         if let Some(pid) = slot.pid {
             let pid = Pid::from_raw(pid);
+            // Usually signalled already by apache_stopping; a second SIGTERM is harmless.
             if kill(pid, Signal::SIGTERM).is_ok() {
                 // One second more than the daemon gives its own threads, so a daemon that
                 // finishes in time exits by itself and logs it.
@@ -325,4 +366,55 @@ pub fn daemon_pids() -> Vec<i32> {
         .as_ref()
         .map(|s| s.slots.iter().filter_map(|slot| slot.pid).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_statuses_decode_both_forms() {
+        assert_eq!(ChildEnd::from_reported(Some(0)), ChildEnd::Exited(0));
+        assert_eq!(ChildEnd::from_reported(Some(78)), ChildEnd::Exited(78));
+        assert_eq!(ChildEnd::from_reported(Some(9)), ChildEnd::ExitOrSignal(9));
+        // Raw waitpid statuses from APR's refresh path.
+        assert_eq!(ChildEnd::from_reported(Some(78 << 8)), ChildEnd::Exited(78));
+        assert_eq!(ChildEnd::from_reported(Some(3 << 8)), ChildEnd::Exited(3));
+        assert_eq!(
+            ChildEnd::from_reported(Some((1 << 8) | 9)),
+            ChildEnd::Signaled(9)
+        );
+        assert_eq!(ChildEnd::from_reported(None), ChildEnd::Unknown);
+        assert!(ChildEnd::ExitOrSignal(9).describe().contains("signal 9"));
+    }
+
+    #[test]
+    fn backoff_doubles_for_crash_loops_and_resets_after_a_good_run() {
+        let quick = Duration::from_millis(100);
+        let long = Duration::from_secs(60);
+        let crash = ChildEnd::ExitOrSignal(9);
+        let mut b = Duration::ZERO;
+        let mut seen = Vec::new();
+        for _ in 0..7 {
+            b = next_backoff(b, quick, crash);
+            seen.push(b.as_secs());
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(next_backoff(b, long, crash), Duration::ZERO);
+        // A set-up failure backs off however long the process took to fail.
+        assert_eq!(
+            next_backoff(
+                Duration::from_secs(4),
+                long,
+                ChildEnd::Exited(EXIT_SETUP_FAILED)
+            )
+            .as_secs(),
+            8
+        );
+        // A clean exit (a requested restart) never does.
+        assert_eq!(
+            next_backoff(Duration::from_secs(4), quick, ChildEnd::Exited(0)),
+            Duration::ZERO
+        );
+    }
 }
