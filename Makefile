@@ -13,7 +13,7 @@ SO_DEBUG := target/debug/libmod_wsgi_rs.so
 DEMO_ROOT ?= /tmp/mod_wsgi_rs-demo
 DEMO_PORT ?= 8080
 
-.PHONY: help build deps users install demo test unit integration lint clean bench
+.PHONY: help build deps users install demo test unit integration lint clean bench fuzz
 
 help: ## Show this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ test: deps ## Build, then run the unit and integration tests (integration needs 
 bench: deps ## Release build, then mod_wsgi_rs vs Debian's mod_wsgi, A B A B (BENCH_QUICK=1: ~1 min; see bench/bench.py)
 	$(CARGO) build --release
 	$(PYTHON) bench/bench.py
+
+fuzz: ## Randomised robustness tests, not in CI: FUZZ_SECONDS per target (default 10), FUZZ_SEED=0x… replays a run
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-10} $(CARGO) test --release --lib fuzz_tests::fuzz_ -- --ignored --nocapture
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --check

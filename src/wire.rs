@@ -142,6 +142,8 @@ pub fn read_frame(
         return Err(WireError::Oversized { kind, len, cap });
     }
     payload.clear();
+    // reserve_exact first: a reused buffer must not grow past the cap by doubling.
+    payload.reserve_exact(len);
     payload.resize(len, 0);
     r.read_exact(payload).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => WireError::Truncated,

@@ -465,6 +465,9 @@ impl Client for ApacheClient {
                     || name.eq_ignore_ascii_case(b"Connection")
                 {
                     // Hop-by-hop: Apache owns the connection and its framing.
+                } else if name.eq_ignore_ascii_case(b"Content-Length") {
+                    // One value (the relay checked that repeats agree).
+                    ffi::apr_table_set((*r).headers_out, c"Content-Length".as_ptr(), value_c);
                 } else {
                     ffi::apr_table_add((*r).headers_out, pstrdup((*r).pool, name), value_c);
                 }

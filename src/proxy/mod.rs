@@ -302,11 +302,19 @@ impl Relay<'_, '_> {
         }
         for &(name, value) in &headers {
             if name.eq_ignore_ascii_case(b"Content-Length") {
-                let parsed = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok());
+                // Digits only (RFC 9110), and one value: two different lengths would let the
+                // client and any proxy in front disagree on where this response ends.
+                let digits = value.trim_ascii();
+                let parsed = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                    .flatten();
                 match parsed {
-                    Some(length) => self.body_left = Some(length),
+                    Some(length) if self.body_left.is_none_or(|seen| seen == length) => {
+                        self.body_left = Some(length)
+                    }
+                    Some(_) => {
+                        return Err(self.malformed("conflicting Content-Length headers".to_string()))
+                    }
                     None => {
                         return Err(self.malformed(format!(
                             "Content-Length is not a number: {:?}",
