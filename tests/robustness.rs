@@ -803,24 +803,6 @@ fn failing_setup_is_reported_with_its_exit_code_and_backs_off_exponentially() {
 // 4. Hostile input
 // ---------------------------------------------------------------------------------------------
 
-/// A Request frame as a worker would send it, with the given secret.
-fn forged_request(secret: &[u8], group: &str, script: &str) -> Vec<u8> {
-    let mut payload = Vec::new();
-    let mut pair = |k: &[u8], v: &[u8]| {
-        payload.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        payload.extend_from_slice(k);
-        payload.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        payload.extend_from_slice(v);
-    };
-    pair(b"", secret);
-    pair(b"REQUEST_METHOD", b"GET");
-    pair(b"SCRIPT_FILENAME", script.as_bytes());
-    pair(b"mod_wsgi.process_group", group.as_bytes());
-    let mut frame = vec![1u8];
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&payload);
-    frame
-}
 
 /// Malformed frames sent straight to a daemon's socket (as root, who may connect): garbage,
 /// a header declaring 4 GiB, a truncated frame, a frame with a wrong secret, and a connection

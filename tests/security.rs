@@ -15,24 +15,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A Request frame as a worker would send it, with the given secret.
-fn forged_request(secret: &[u8], group: &str, script: &str) -> Vec<u8> {
-    let mut payload = Vec::new();
-    let mut pair = |k: &[u8], v: &[u8]| {
-        payload.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        payload.extend_from_slice(k);
-        payload.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        payload.extend_from_slice(v);
-    };
-    pair(b"", secret);
-    pair(b"REQUEST_METHOD", b"GET");
-    pair(b"SCRIPT_FILENAME", script.as_bytes());
-    pair(b"mod_wsgi.process_group", group.as_bytes());
-    let mut frame = vec![1u8];
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&payload);
-    frame
-}
 
 /// Connecting to a group's socket directly (here as root, who may open it) and sending a
 /// request without the group's secret gets nothing executed: the daemon drops the

@@ -2734,3 +2734,23 @@ macro_rules! require_venv {
         }
     };
 }
+
+/// A Request frame (see src/wire.rs) as an Apache worker would send it, with the given origin
+/// secret: for tests that talk to a daemon socket directly.
+pub fn forged_request(secret: &[u8], group: &str, script: &str) -> Vec<u8> {
+    let mut payload = Vec::new();
+    let mut pair = |k: &[u8], v: &[u8]| {
+        payload.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        payload.extend_from_slice(k);
+        payload.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        payload.extend_from_slice(v);
+    };
+    pair(b"", secret);
+    pair(b"REQUEST_METHOD", b"GET");
+    pair(b"SCRIPT_FILENAME", script.as_bytes());
+    pair(b"mod_wsgi.process_group", group.as_bytes());
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
