@@ -168,7 +168,9 @@ pub fn run(ctx: DaemonContext) -> i32 {
         let group = Arc::clone(&group);
         let spawned = std::thread::Builder::new()
             .name(format!("wsgi-{index}"))
-            .spawn(move || accept_loop(listen_fd, &stop, &group, index as usize));
+            .spawn(move || {
+                python::with_thread_state(|| accept_loop(listen_fd, &stop, &group, index as usize))
+            });
         match spawned {
             Ok(handle) => threads.push(handle),
             Err(err) => {

@@ -67,6 +67,13 @@ pub fn initialize(group: &GroupRuntime) -> Result<(), PythonError> {
     .map_err(|err| PythonError::Init(err.to_string()))
 }
 
+/// Runs `f` (a daemon thread's whole life) with a Python thread state that lasts as long, but
+/// without holding the GIL: each request then takes the GIL with its thread state ready,
+/// instead of creating and destroying one per request.
+pub fn with_thread_state<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    Python::attach(|py| py.detach(f))
+}
+
 /// Acquires and releases the GIL (the deadlock-timeout probe).
 pub fn ping_gil() {
     Python::attach(|_| ());
