@@ -1,0 +1,25 @@
+-- wrk script for `make bench`: optionally sends a POST body, and at the end prints one line
+--   BENCHJSON {...}
+-- with the totals and latency percentiles (microseconds) that bench/bench.py parses.
+-- BENCH_BODY_BYTES=N (environment) makes every request a POST with an N-byte body.
+local body_bytes = tonumber(os.getenv("BENCH_BODY_BYTES") or "0")
+if body_bytes > 0 then
+   local pattern = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
+   local full = math.floor(body_bytes / #pattern)
+   local body = string.rep(pattern, full) .. string.sub(pattern, 1, body_bytes - full * #pattern)
+   wrk.method = "POST"
+   wrk.body = body
+   wrk.headers["Content-Type"] = "application/octet-stream"
+end
+
+done = function(summary, latency, requests)
+   local e = summary.errors
+   io.write(string.format(
+      'BENCHJSON {"duration_us":%d,"requests":%d,"bytes":%d,' ..
+      '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+      '"lat_mean_us":%.1f,"lat_p50_us":%d,"lat_p90_us":%d,"lat_p99_us":%d,"lat_max_us":%d}\n',
+      summary.duration, summary.requests, summary.bytes,
+      e.connect, e.read, e.write, e.status, e.timeout,
+      latency.mean, latency:percentile(50), latency:percentile(90),
+      latency:percentile(99), latency.max))
+end
