@@ -803,7 +803,6 @@ fn failing_setup_is_reported_with_its_exit_code_and_backs_off_exponentially() {
 // 4. Hostile input
 // ---------------------------------------------------------------------------------------------
 
-
 /// Malformed frames sent straight to a daemon's socket (as root, who may connect): garbage,
 /// a header declaring 4 GiB, a truncated frame, a frame with a wrong secret, and a connection
 /// that sends nothing. Each connection is dropped without an answer and logged; the daemon

@@ -613,7 +613,8 @@ fn bob_cannot_reach_joes_groups() {
     // joe's daemons are up (so each refusal below is the restrict list's doing).
     // (They drop to joe's uid just after the fork: give them a moment under load.)
     assert!(
-        wait_until(Duration::from_secs(10), || !pids_of_user(site.joe.uid).is_empty()),
+        wait_until(Duration::from_secs(10), || !pids_of_user(site.joe.uid)
+            .is_empty()),
         "joe's daemons are not running"
     );
 

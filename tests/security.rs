@@ -15,7 +15,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-
 /// Connecting to a group's socket directly (here as root, who may open it) and sending a
 /// request without the group's secret gets nothing executed: the daemon drops the
 /// connection and logs mod_wsgi's phrase.
