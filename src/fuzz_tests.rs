@@ -1780,13 +1780,11 @@ fn route_case(rng: &mut Rng) {
     let server_name = rng
         .pick(&["www.site.com", "other.site.com", ""])
         .to_string();
-    let dirs = vec!["/home/bob/public_html".to_string()];
     let request = RouteRequest {
         configured: &configured,
         restrict: rng.coin().then_some(&restrict),
         server_name: &server_name,
         script: "/home/bob/public_html/app.wsgi",
-        htaccess_dirs: if rng.coin() { &dirs } else { &[] },
     };
     let got = route::select(&registry, &request, &vars);
     hit(match &got {

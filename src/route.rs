@@ -26,6 +26,11 @@ pub trait RequestVars {
     fn host(&self) -> String;
     /// The request's SCRIPT_NAME (for `%{RESOURCE}`).
     fn script_name(&self) -> String;
+    /// Directories whose .htaccess Apache applied to this request. Asked only when a refusal
+    /// is being explained, never on the path of a request that is served.
+    fn htaccess_dirs(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Where an `%{ENV:NAME}` value came from.
@@ -150,8 +155,6 @@ pub struct RouteRequest<'a> {
     /// ServerName of the request's virtual host.
     pub server_name: &'a str,
     pub script: &'a str,
-    /// Directories whose .htaccess Apache applied to this request.
-    pub htaccess_dirs: &'a [String],
 }
 
 /// The facts a refusal log line gives a sysadmin: who asked for what, and how.
@@ -239,7 +242,7 @@ pub fn select<'r>(
         Box::new(Audit {
             expansion: expansion.clone(),
             server_name: request.server_name.to_string(),
-            htaccess_dirs: request.htaccess_dirs.to_vec(),
+            htaccess_dirs: vars.htaccess_dirs(),
         })
     };
     if let Some(list) = request.restrict {
@@ -361,7 +364,6 @@ mod tests {
             restrict,
             server_name: "www.site.com",
             script: "/home/bob/public_html/blog.wsgi",
-            htaccess_dirs: &[],
         }
     }
 
@@ -533,16 +535,35 @@ mod tests {
 
     #[test]
     fn audit_names_htaccess_dirs() {
+        struct WithDirs(Vars);
+        impl RequestVars for WithDirs {
+            fn note(&self, name: &str) -> Option<String> {
+                self.0.note(name)
+            }
+            fn request_env(&self, name: &str) -> Option<String> {
+                self.0.request_env(name)
+            }
+            fn server(&self) -> String {
+                self.0.server()
+            }
+            fn host(&self) -> String {
+                self.0.host()
+            }
+            fn script_name(&self) -> String {
+                self.0.script_name()
+            }
+            fn htaccess_dirs(&self) -> Vec<String> {
+                vec!["/home/bob/public_html".to_string()]
+            }
+        }
         let reg = registry();
-        let dirs = vec!["/home/bob/public_html".to_string()];
         let list = RestrictList::new(&["bob:1"]);
-        let req = RouteRequest {
-            htaccess_dirs: &dirs,
-            ..request("%{ENV:PG}", Some(&list))
-        };
-        let err = select(&reg, &req, &env(&[("PG", "joe:1")])).unwrap_err();
+        let vars = WithDirs(env(&[("PG", "joe:1")]));
+        let err = select(&reg, &request("%{ENV:PG}", Some(&list)), &vars).unwrap_err();
         assert!(err
             .to_string()
             .contains(".htaccess applied from /home/bob/public_html"));
+        // Served requests never ask for them.
+        assert!(select(&reg, &request("bob:1", Some(&list)), &vars).is_ok());
     }
 }

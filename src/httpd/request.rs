@@ -156,14 +156,12 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             );
         };
         let server_name = cstr_lossy((*(*r).server).server_hostname);
-        let htaccess_dirs = htaccess_dirs(r);
         let vars = ApacheVars { r };
         let request = route::RouteRequest {
             configured: &group_value,
             restrict: dir.restrict.as_ref(),
             server_name: &server_name,
             script: &script,
-            htaccess_dirs: &htaccess_dirs,
         };
         let group = match route::select(&registry, &request, &vars) {
             Ok((group, _)) => group,
@@ -358,6 +356,11 @@ impl route::RequestVars for ApacheVars {
         uri.strip_suffix(path_info.as_str())
             .unwrap_or(&uri)
             .to_string()
+    }
+
+    fn htaccess_dirs(&self) -> Vec<String> {
+        // SAFETY: live request.
+        unsafe { htaccess_dirs(self.r) }
     }
 }
 
