@@ -898,3 +898,40 @@ fn display_name_sets_the_process_title() {
         assert!(want.starts_with(comm.trim()), "{path}: comm is {comm:?}");
     }
 }
+
+/// umask=, lang=, locale=, home= and supplementary-groups= reach the daemon process: the app
+/// sees the mask, the locale variables, the working directory and exactly the groups asked.
+#[test]
+fn process_options_reach_the_daemon() {
+    require_root!();
+    let bob = require_user!("bob");
+    let joe_gid = group_gid("joe").expect("group joe (make test creates it)");
+    let server = TestServer::start(&format!(
+        "WSGIDaemonProcess env processes=1 threads=1 umask=0027 lang=C.UTF-8 locale=C.UTF-8 \
+         home=@ROOT@/htdocs\n\
+         WSGIDaemonProcess sup processes=1 threads=1 user=bob group=bob \
+         supplementary-groups=bob,joe\n\
+         WSGIScriptAlias /env @APPS@/processenv.wsgi process-group=env\n\
+         WSGIScriptAlias /sup @APPS@/processenv.wsgi process-group=sup\n"
+    ));
+    let j = get_json(&server, "/env");
+    assert_eq!(j.u64_of("umask"), 0o027, "{j:?}");
+    assert_eq!(j.str_of("lang"), "C.UTF-8", "{j:?}");
+    assert_eq!(j.str_of("lc_all"), "C.UTF-8", "{j:?}");
+    assert_eq!(
+        j.str_of("cwd"),
+        server.root().join("htdocs").to_string_lossy(),
+        "{j:?}"
+    );
+
+    let j = get_json(&server, "/sup");
+    let groups: Vec<u64> = j
+        .get("groups")
+        .and_then(|g| g.as_array())
+        .map(|a| a.iter().filter_map(|g| g.as_u64()).collect())
+        .unwrap_or_default();
+    let mut want = vec![u64::from(bob.gid), u64::from(joe_gid)];
+    want.sort_unstable();
+    want.dedup();
+    assert_eq!(groups, want, "{j:?}");
+}
