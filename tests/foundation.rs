@@ -906,14 +906,14 @@ fn process_options_reach_the_daemon() {
     require_root!();
     let bob = require_user!("bob");
     let joe_gid = group_gid("joe").expect("group joe (make test creates it)");
-    let server = TestServer::start(&format!(
+    let server = TestServer::start(
         "WSGIDaemonProcess env processes=1 threads=1 umask=0027 lang=C.UTF-8 locale=C.UTF-8 \
          home=@ROOT@/htdocs\n\
          WSGIDaemonProcess sup processes=1 threads=1 user=bob group=bob \
          supplementary-groups=bob,joe\n\
          WSGIScriptAlias /env @APPS@/processenv.wsgi process-group=env\n\
-         WSGIScriptAlias /sup @APPS@/processenv.wsgi process-group=sup\n"
-    ));
+         WSGIScriptAlias /sup @APPS@/processenv.wsgi process-group=sup\n",
+    );
     let j = get_json(&server, "/env");
     assert_eq!(j.u64_of("umask"), 0o027, "{j:?}");
     assert_eq!(j.str_of("lang"), "C.UTF-8", "{j:?}");
