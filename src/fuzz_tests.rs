@@ -1681,6 +1681,7 @@ fn runtime(index: usize, name: &str, scope: Option<String>) -> GroupRuntime {
         home: PathBuf::from("/"),
         worker_uid: 33,
         import_scripts: Vec::new(),
+        load: crate::load::LoadBoard::default(),
     }
 }
 
@@ -1831,8 +1832,8 @@ fn model_cap(kind: Kind, header_cap: usize) -> usize {
     match kind {
         Kind::Request => 8 << 20,
         Kind::Body | Kind::Data => 1 << 20,
-        Kind::BodyEnd | Kind::End => 0,
-        Kind::ReadBody => 4,
+        Kind::BodyEnd | Kind::Goodbye => 0,
+        Kind::ReadBody | Kind::End => 4,
         Kind::Fail => 2,
         Kind::Headers => header_cap,
     }
@@ -1848,6 +1849,7 @@ fn model_kind(byte: u8) -> Option<Kind> {
         6 => Kind::Data,
         7 => Kind::End,
         8 => Kind::Fail,
+        9 => Kind::Goodbye,
         _ => return None,
     })
 }
@@ -2524,7 +2526,7 @@ fn connection_case(rng: &mut Rng, scale: Scale) {
     let (model, _) = model_frames(&script, 0);
     let (writing, reading) = fake_worker(worker_side, script);
 
-    let mut conn = Connection::new(daemon_side);
+    let mut conn = Connection::new(daemon_side, 0);
     let request = conn.read_request();
     match (&request, model.first()) {
         (Ok(payload), Some((Kind::Request, p))) => assert_eq!(payload, p),
@@ -2657,7 +2659,7 @@ fn connection_case(rng: &mut Rng, scale: Scale) {
             }
             6 => {
                 conn.send_end().unwrap();
-                sent.push((Kind::End, Vec::new()));
+                sent.push((Kind::End, 0u32.to_le_bytes().to_vec()));
                 must_arrive = sent.len();
             }
             _ => {
@@ -2961,6 +2963,8 @@ fn proxy_case(rng: &mut Rng, daemon: &FakeDaemon, scale: Scale) {
         connect_timeout: Duration::from_secs(5),
         socket_timeout: HANG,
         header_buffer_size,
+        pool: None,
+        load: crate::load::LoadBoard::default(),
     };
     daemon
         .jobs
@@ -3288,6 +3292,8 @@ fn forward_canned(response: Vec<u8>) -> (Result<Outcome, ProxyError>, FuzzClient
         connect_timeout: Duration::from_secs(5),
         socket_timeout: HANG,
         header_buffer_size: 0,
+        pool: None,
+        load: crate::load::LoadBoard::default(),
     };
     daemon.jobs.as_ref().unwrap().send(response).unwrap();
     let mut client = FuzzClient::default();

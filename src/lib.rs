@@ -10,6 +10,7 @@ pub mod daemon;
 
 #[cfg(not(test))]
 pub mod httpd;
+pub mod load;
 pub mod logging;
 pub mod proxy;
 pub mod python;

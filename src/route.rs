@@ -342,6 +342,7 @@ mod tests {
                 supplementary: None,
             },
             home: PathBuf::from("/"),
+            load: crate::load::LoadBoard::default(),
         }
     }
 

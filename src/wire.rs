@@ -2,18 +2,22 @@
 //! socket. Pure Rust: no ffi, no Python. Every length is checked against a cap before anything
 //! is allocated, so a malformed or hostile peer gets an error, never a crash or a huge buffer.
 //!
-//! A frame is `[kind: u8][length: u32 little-endian][payload]`. One connection carries one
-//! request:
+//! A frame is `[kind: u8][length: u32 little-endian][payload]`. A connection carries one
+//! request at a time, and is kept for the next one when the last ended cleanly:
 //!
 //! ```text
 //! worker → daemon   Request(environ pairs)
 //! daemon → worker   ReadBody(max) … when the app reads wsgi.input
 //! worker → daemon   Body(bytes) | BodyEnd      (one answer per ReadBody)
-//! daemon → worker   Headers(status, pairs), Data(bytes)…, End
+//! daemon → worker   Headers(status, pairs), Data(bytes)…, End(slot)
 //!                   or Fail(status) before Headers (the worker answers with Apache's error page)
+//!                   or Goodbye instead of any answer: the daemon is closing this idle
+//!                   connection and did not read the request (the worker may resend it)
 //! ```
 //! The body is pulled by the daemon, so neither side ever buffers a whole body, and an app that
-//! streams its answer while reading its input cannot deadlock the two sides.
+//! streams its answer while reading its input cannot deadlock the two sides. End names the
+//! daemon process's slot on the load board (see `crate::load`), so the worker can tell
+//! whether that process has a free thread before reusing the connection.
 
 #![forbid(unsafe_code)]
 
@@ -37,6 +41,7 @@ pub enum Kind {
     Data = 6,
     End = 7,
     Fail = 8,
+    Goodbye = 9,
 }
 
 impl Kind {
@@ -50,6 +55,7 @@ impl Kind {
             6 => Kind::Data,
             7 => Kind::End,
             8 => Kind::Fail,
+            9 => Kind::Goodbye,
             _ => return None,
         })
     }
@@ -59,8 +65,8 @@ impl Kind {
         match self {
             Kind::Request => MAX_ENVIRON,
             Kind::Body | Kind::Data => MAX_CHUNK,
-            Kind::BodyEnd | Kind::End => 0,
-            Kind::ReadBody => 4,
+            Kind::BodyEnd | Kind::Goodbye => 0,
+            Kind::ReadBody | Kind::End => 4,
             Kind::Fail => 2,
             Kind::Headers => header_cap,
         }
@@ -272,6 +278,12 @@ pub fn decode_u32(kind: Kind, payload: &[u8]) -> Result<u32, WireError> {
     Ok(u32::from_le_bytes(raw))
 }
 
+/// An End payload: the slot of the daemon process that answered, when it gave one.
+pub fn decode_end(payload: &[u8]) -> Option<usize> {
+    let raw: [u8; 4] = payload.try_into().ok()?;
+    usize::try_from(u32::from_le_bytes(raw)).ok()
+}
+
 /// A Fail payload: the HTTP status the worker should answer with.
 pub fn decode_status(payload: &[u8]) -> Result<u16, WireError> {
     let raw: [u8; 2] = payload.try_into().map_err(|_| WireError::Malformed {
@@ -310,10 +322,11 @@ mod tests {
             Kind::Data,
             Kind::End,
             Kind::Fail,
+            Kind::Goodbye,
         ] {
             let payload: &[u8] = match kind {
-                Kind::BodyEnd | Kind::End => b"",
-                Kind::ReadBody => &[1, 0, 0, 0],
+                Kind::BodyEnd | Kind::Goodbye => b"",
+                Kind::ReadBody | Kind::End => &[1, 0, 0, 0],
                 Kind::Fail => &[244, 1],
                 _ => b"abc",
             };
@@ -370,14 +383,16 @@ mod tests {
             }
         ));
 
-        let bytes = frame(Kind::End, b"x");
+        let bytes = frame(Kind::End, b"slot!");
+        assert!(read_frame(&mut Cursor::new(bytes), &mut buf, 1024).is_err());
+        let bytes = frame(Kind::Goodbye, b"x");
         assert!(read_frame(&mut Cursor::new(bytes), &mut buf, 1024).is_err());
     }
 
     #[test]
     fn garbage_kind_is_an_error() {
         let mut buf = Vec::new();
-        for byte in [0u8, 9, 200, 255] {
+        for byte in [0u8, 10, 200, 255] {
             let err =
                 read_frame(&mut Cursor::new(vec![byte, 0, 0, 0, 0]), &mut buf, 1024).unwrap_err();
             assert!(matches!(err, WireError::UnknownKind(b) if b == byte));
@@ -447,6 +462,8 @@ mod tests {
         assert_eq!(decode_status(&500u16.to_le_bytes()).unwrap(), 500);
         assert!(decode_status(&42u16.to_le_bytes()).is_err());
         assert!(decode_status(&[1]).is_err());
+        assert_eq!(decode_end(&encode_u32(3)), Some(3));
+        assert_eq!(decode_end(b""), None);
     }
 
     /// A writer that accepts at most 3 bytes per call, to exercise partial vectored writes.

@@ -101,6 +101,15 @@ fn daemons_hold_nothing_of_apaches() {
         !text.contains("/dev/zero"),
         "a daemon still maps the scoreboard: {text}"
     );
+    // Its own group's load board is the one shared mapping of ours it keeps.
+    assert!(
+        text.contains("wsgi-load:tidy"),
+        "the daemon lost its load board: {text}"
+    );
+    assert!(
+        !text.contains("wsgi-load:other"),
+        "a daemon maps another group's load board: {text}"
+    );
     let j = r.json();
     let fds = j.get("fds").expect("fds");
     let pipes = text.matches("pipe:").count();

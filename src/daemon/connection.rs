@@ -1,6 +1,8 @@
-//! One request's connection, daemon side: reads the environ, pulls the request body on demand
-//! (never past CONTENT_LENGTH, never more than asked), and writes the response frames.
-//! Plain blocking I/O; the Python layer calls it with the GIL released.
+//! A connection from an Apache worker, daemon side: reads each request's environ, pulls the
+//! request body on demand (never past CONTENT_LENGTH, never more than asked), and writes the
+//! response frames. It serves one request at a time and is kept for the next when the last
+//! one ended cleanly (End or Fail sent). Plain blocking I/O; the Python layer calls it with
+//! the GIL released.
 
 #![forbid(unsafe_code)]
 
@@ -31,10 +33,14 @@ pub struct Connection {
     pending_headers: Option<Vec<u8>>,
     /// A write failed because the worker hung up (the client went away).
     peer_gone: bool,
+    /// The response ended with End or Fail, fully written: the connection may carry another.
+    finished: bool,
+    /// This process's slot on the load board, sent with every End.
+    slot: u32,
 }
 
 impl Connection {
-    pub fn new(stream: UnixStream) -> Connection {
+    pub fn new(stream: UnixStream, slot: u32) -> Connection {
         Connection {
             reader: BufReader::with_capacity(PULL_SIZE, stream),
             out: Vec::new(),
@@ -46,11 +52,21 @@ impl Connection {
             headers_sent: false,
             pending_headers: None,
             peer_gone: false,
+            finished: false,
+            slot,
         }
     }
 
-    /// Reads the Request frame; the returned payload holds the environ pairs.
+    /// Reads the next Request frame; the returned payload holds the environ pairs. Resets
+    /// everything the previous request on this connection left.
     pub fn read_request(&mut self) -> Result<Vec<u8>, WireError> {
+        self.input.clear();
+        self.input_pos = 0;
+        self.body_done = false;
+        self.body_left = None;
+        self.headers_sent = false;
+        self.pending_headers = None;
+        self.finished = false;
         let mut payload = Vec::new();
         match wire::read_frame(&mut self.reader, &mut payload, 0)? {
             Kind::Request => Ok(payload),
@@ -261,12 +277,33 @@ impl Connection {
     }
 
     pub fn send_end(&mut self) -> io::Result<()> {
-        self.send_frame(Kind::End, b"", true)
+        self.send_frame(Kind::End, &wire::encode_u32(self.slot), true)?;
+        self.finished = true;
+        Ok(())
     }
 
     /// Asks the worker to answer with `status` itself (only before headers were sent).
     pub fn send_fail(&mut self, status: u16) -> io::Result<()> {
-        self.send_frame(Kind::Fail, &status.to_le_bytes(), true)
+        self.send_frame(Kind::Fail, &status.to_le_bytes(), true)?;
+        self.finished = !self.headers_sent;
+        Ok(())
+    }
+
+    /// True when the last response ended cleanly and nothing of a next request has been read
+    /// ahead into our buffer: the connection can wait in the idle set for the next one.
+    pub fn reusable(&self) -> bool {
+        self.finished && !self.peer_gone && self.reader.buffer().is_empty()
+    }
+
+    /// The descriptor, for the idle set.
+    pub fn stream(&self) -> &UnixStream {
+        self.reader.get_ref()
+    }
+
+    /// Closes an idle connection, telling the worker first that its request (if one is on
+    /// the way) was not read, so it can send it again elsewhere.
+    pub fn goodbye(mut self) {
+        let _ = self.send_frame(Kind::Goodbye, b"", true);
     }
 }
 
@@ -331,7 +368,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let body = b"line one\nline two\nrest".to_vec();
         let worker = fake_worker(b, body.clone(), 5);
-        let mut conn = Connection::new(a);
+        let mut conn = Connection::new(a, 0);
         conn.set_content_length(Some(body.len() as u64));
         assert_eq!(conn.readline(None).unwrap(), b"line one\n");
         assert_eq!(conn.readline(Some(4)).unwrap(), b"line");
@@ -348,7 +385,7 @@ mod tests {
     fn never_reads_past_content_length() {
         let (a, b) = UnixStream::pair().unwrap();
         let worker = fake_worker(b, b"0123456789extra".to_vec(), 64);
-        let mut conn = Connection::new(a);
+        let mut conn = Connection::new(a, 0);
         conn.set_content_length(Some(10));
         assert_eq!(conn.read(None).unwrap(), b"0123456789");
         assert_eq!(conn.read(Some(5)).unwrap(), b"");
@@ -361,7 +398,7 @@ mod tests {
     fn zero_length_body_pulls_nothing() {
         let (a, b) = UnixStream::pair().unwrap();
         let worker = fake_worker(b, Vec::new(), 64);
-        let mut conn = Connection::new(a);
+        let mut conn = Connection::new(a, 0);
         conn.set_content_length(Some(0));
         assert_eq!(conn.read(None).unwrap(), b"");
         drop(conn);
@@ -373,7 +410,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let worker = fake_worker(b, body.clone(), 70_000);
-        let mut conn = Connection::new(a);
+        let mut conn = Connection::new(a, 0);
         conn.set_content_length(None);
         let mut got = Vec::new();
         loop {

@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::config::daemon_process::ProcessGroupSpec;
+use crate::load::LoadBoard;
 
 /// One daemon group as every process of this generation sees it.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct GroupRuntime {
     pub worker_uid: u32,
     /// WSGIImportScript files to load when a daemon starts.
     pub import_scripts: Vec<String>,
+    /// One slot per process of the group (see `crate::load`), in its own shared mapping so a
+    /// daemon can be left with its group's board only.
+    pub load: LoadBoard,
 }
 
 /// All groups of the current generation, in definition order.

@@ -25,15 +25,17 @@ use crate::wsgi_log;
 #[derive(Clone, Copy)]
 pub struct ParentHooks {
     pub watch: fn(pid: i32, slot: usize),
-    /// Given the process title (display-name=), if any; returns the inherited descriptors the
-    /// daemon must keep (the error logs).
-    pub in_child: fn(Option<&str>) -> Vec<i32>,
+    /// Given the process title (display-name=), if any, and the daemon's group index; returns
+    /// the inherited descriptors the daemon must keep (the error logs).
+    pub in_child: fn(Option<&str>, usize) -> Vec<i32>,
     /// Hands a draining daemon of the old generation to the MPM to reap.
     pub adopt: fn(pid: i32),
 }
 
 struct Slot {
     group: usize,
+    /// Which of the group's processes (its place on the group's load board).
+    process: usize,
     pid: Option<i32>,
     started: Instant,
     backoff: Duration,
@@ -93,9 +95,10 @@ pub fn start(
     }
     let mut slots = Vec::new();
     for (index, group) in registry.groups.iter().enumerate() {
-        for _ in 0..group.spec.processes.max(1) {
+        for process in 0..group.spec.processes.max(1) as usize {
             slots.push(Slot {
                 group: index,
+                process,
                 pid: None,
                 started: Instant::now(),
                 backoff: Duration::ZERO,
@@ -128,8 +131,10 @@ impl Supervisor {
         let delay = self.slots[slot].backoff;
         let in_child = self.hooks.in_child;
         let parent_pid = self.parent_pid;
+        let process = self.slots[slot].process;
+        let load = group.load.slot(process);
         let forked = fork_daemon(move || {
-            let mut keep = in_child(group.spec.process_title().as_deref());
+            let mut keep = in_child(group.spec.process_title().as_deref(), group_index);
             super::origin::forget_secrets_except(group_index);
             // A daemon must never accept another group's requests, nor hold anything else of
             // Apache's: keep stdio, the error logs and our own listener only.
@@ -140,6 +145,8 @@ impl Supervisor {
                 listen_fd,
                 start_delay: delay,
                 parent_pid,
+                load,
+                slot: u32::try_from(process).unwrap_or(u32::MAX),
             })
         })
         .map_err(|e| DaemonError::Fork {

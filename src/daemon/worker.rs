@@ -8,7 +8,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -29,9 +29,10 @@ use super::origin;
 use super::privileges::{self, System};
 use super::supervisor::EXIT_SETUP_FAILED;
 use super::GroupRuntime;
+use crate::load::LoadSlot;
 use crate::logging::Level;
 use crate::python;
-use crate::wire::{self, Kind};
+use crate::wire::{self, Kind, WireError};
 use crate::wsgi_log;
 
 pub struct DaemonContext {
@@ -41,6 +42,9 @@ pub struct DaemonContext {
     pub start_delay: Duration,
     /// Apache's parent: if it dies, so do we (no orphaned daemons).
     pub parent_pid: u32,
+    /// This process's place on the load board (see `crate::load`), and its index there.
+    pub load: Option<&'static LoadSlot>,
+    pub slot: u32,
 }
 
 /// The signals Apache uses to stop and restart; a daemon treats each as "stop gracefully".
@@ -158,19 +162,34 @@ pub fn run(ctx: DaemonContext) -> i32 {
         ctx.group.spec.threads.max(1)
     );
 
-    let listen_fd = ctx.listen_fd;
     let group = Arc::new(ctx.group);
+    let dispatcher = match Dispatcher::new(
+        ctx.listen_fd,
+        Arc::clone(&stop),
+        Arc::clone(&group),
+        ctx.load,
+        ctx.slot,
+    ) {
+        Ok(dispatcher) => Arc::new(dispatcher),
+        Err(err) => {
+            wsgi_log!(
+                Level::Alert,
+                "WSGIRS0434: Daemon process '{name}' cannot watch its socket with epoll: {err}"
+            );
+            return EXIT_SETUP_FAILED;
+        }
+    };
+    if let Some(slot) = ctx.load {
+        slot.open(thread_count);
+    }
     activity.gil_acquired();
     start_monitor(&group, &stop, activity);
     let mut threads = Vec::new();
     for index in 0..thread_count {
-        let stop = Arc::clone(&stop);
-        let group = Arc::clone(&group);
+        let dispatcher = Arc::clone(&dispatcher);
         let spawned = std::thread::Builder::new()
             .name(format!("wsgi-{index}"))
-            .spawn(move || {
-                python::with_thread_state(|| accept_loop(listen_fd, &stop, &group, index as usize))
-            });
+            .spawn(move || python::with_thread_state(|| dispatcher.run_thread(index as usize)));
         match spawned {
             Ok(handle) => threads.push(handle),
             Err(err) => {
@@ -196,6 +215,9 @@ pub fn run(ctx: DaemonContext) -> i32 {
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Threads still busy (an immediate exit, or the grace ran out) never parked theirs again;
+    // whatever is idle now learns that we are going.
+    dispatcher.close_idle();
     wsgi_log!(Level::Info, "WSGIRS0435: Process '{name}' stopped.");
     0
 }
@@ -319,160 +341,350 @@ fn become_daemon_user(group: &GroupRuntime) -> Result<(), String> {
     Ok(())
 }
 
-fn accept_loop(listen_fd: RawFd, stop: &StopSignal, group: &GroupRuntime, index: usize) {
-    let activity = lifecycle::activity();
-    let policy = Policy::from_spec(&group.spec);
-    let listener = listener::borrow_inherited(listen_fd);
-    let waiter = AcceptWaiter::new(listener, stop.read_end());
-    loop {
-        match waiter.wait() {
-            Ok(()) => {}
-            Err(Errno::EINTR) => continue,
-            Err(err) => {
-                wsgi_log!(
-                    Level::Error,
-                    "WSGIRS0439: poll on daemon socket failed: {err}"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+/// Event tokens in a process's epoll set; parked connections use the tokens above these.
+const LISTENER: u64 = 0;
+const STOP: u64 = 1;
+const FIRST_PARKED: u64 = 2;
+/// The most idle connections a process keeps; beyond it a finished connection is closed
+/// (with a Goodbye). Apache opens at most one per worker thread that is using the group.
+const MAX_PARKED: usize = 1024;
+
+/// Hands work to a daemon process's threads. One epoll set holds the listener (one-shot, so a
+/// new connection wakes one thread, which accepts and re-arms it), the stop pipe, and every
+/// idle connection (one-shot: the thread woken by a request takes the connection out of the
+/// idle set, serves it, and parks it again). So an idle connection never holds a thread, and a
+/// thread takes whichever work is ready first.
+pub struct Dispatcher {
+    epoll: Epoll,
+    listen_fd: RawFd,
+    stop: Arc<StopSignal>,
+    group: Arc<GroupRuntime>,
+    parked: Mutex<Parked>,
+    /// This process's slot on the load board, and its index (named in every End frame).
+    load: Option<&'static LoadSlot>,
+    slot: u32,
+    policy: Policy,
+}
+
+/// The idle connections, by slot in a small slab; a slot's generation is part of its epoll
+/// token, so an event for a connection that was closed meanwhile cannot pick up a newcomer.
+#[derive(Default)]
+struct Parked {
+    entries: Vec<(u32, Option<Connection>)>,
+    free: Vec<usize>,
+    count: usize,
+}
+
+impl Parked {
+    fn insert(&mut self, conn: Connection) -> u64 {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.entries.push((0, None));
+                self.entries.len() - 1
+            }
+        };
+        let entry = &mut self.entries[index];
+        entry.0 = entry.0.wrapping_add(1);
+        entry.1 = Some(conn);
+        self.count += 1;
+        FIRST_PARKED + ((u64::from(entry.0)) << 32 | index as u64)
+    }
+
+    /// The slab index a token names, if the token is still current.
+    fn index(&self, token: u64) -> Option<usize> {
+        let key = token.checked_sub(FIRST_PARKED)?;
+        let index = usize::try_from(key & 0xffff_ffff).ok()?;
+        let (generation, _) = self.entries.get(index)?;
+        (u64::from(*generation) == key >> 32).then_some(index)
+    }
+
+    fn get(&self, token: u64) -> Option<&Connection> {
+        self.entries[self.index(token)?].1.as_ref()
+    }
+
+    fn take(&mut self, token: u64) -> Option<Connection> {
+        let index = self.index(token)?;
+        let conn = self.entries[index].1.take()?;
+        self.free.push(index);
+        self.count -= 1;
+        Some(conn)
+    }
+
+    fn take_all(&mut self) -> Vec<Connection> {
+        let mut all = Vec::with_capacity(self.count);
+        for (index, entry) in self.entries.iter_mut().enumerate() {
+            if let Some(conn) = entry.1.take() {
+                all.push(conn);
+                self.free.push(index);
             }
         }
-        if stop.is_set() {
-            // Serve whatever already waits in the backlog: those requests reached us before
-            // we stopped and have nowhere else to go.
-            while let Ok(fd) = accept4(listen_fd, SockFlag::SOCK_CLOEXEC) {
-                let stream = UnixStream::from(listener::own_accepted(fd));
-                serve_connection(stream, group);
-            }
-            return;
-        }
-        match accept4(listen_fd, SockFlag::SOCK_CLOEXEC) {
-            Ok(fd) => {
-                let stream = UnixStream::from(listener::own_accepted(fd));
-                if let Some(a) = activity {
-                    a.request_started(index);
+        self.count = 0;
+        all
+    }
+}
+
+impl Dispatcher {
+    pub fn new(
+        listen_fd: RawFd,
+        stop: Arc<StopSignal>,
+        group: Arc<GroupRuntime>,
+        load: Option<&'static LoadSlot>,
+        slot: u32,
+    ) -> nix::Result<Dispatcher> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let listener = listener::borrow_inherited(listen_fd);
+        epoll.add(
+            listener,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT, LISTENER),
+        )?;
+        // Level-triggered: once stopped, every thread's wait returns.
+        epoll.add(stop.read_end(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
+        Ok(Dispatcher {
+            epoll,
+            listen_fd,
+            stop,
+            parked: Mutex::new(Parked::default()),
+            policy: Policy::from_spec(&group.spec),
+            group,
+            load,
+            slot,
+        })
+    }
+
+    fn parked(&self) -> std::sync::MutexGuard<'_, Parked> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One daemon thread: serves whatever is ready until the process stops.
+    fn run_thread(&self, thread: usize) {
+        let mut events = [EpollEvent::empty(); 1];
+        loop {
+            match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(err) => {
+                    wsgi_log!(
+                        Level::Error,
+                        "WSGIRS0439: [{}] Waiting on the daemon socket failed: {err}",
+                        self.group.spec.name
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
                 }
-                serve_connection(stream, group);
-                if let Some(a) = activity {
-                    let finished = a.request_finished(index);
-                    if let Some(verdict) = a.reached_maximum(&policy, finished) {
-                        apply_verdict(&group.spec.name, verdict);
+            }
+            match events[0].data() {
+                STOP => return self.drain(thread),
+                LISTENER => self.accept(thread),
+                token => {
+                    let conn = self.parked().take(token);
+                    if let Some(conn) = conn {
+                        if self.stop.is_set() {
+                            conn.goodbye();
+                        } else {
+                            self.serve(conn, thread, false);
+                        }
                     }
                 }
             }
-            // Another process or thread took the connection first.
+        }
+    }
+
+    fn accept(&self, thread: usize) {
+        let accepted = accept4(self.listen_fd, SockFlag::SOCK_CLOEXEC);
+        // Re-arm at once, so another thread takes the next connection while we serve this one.
+        let rearm = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT, LISTENER);
+        if let Err(err) = self
+            .epoll
+            .modify(listener::borrow_inherited(self.listen_fd), &mut { rearm })
+        {
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0439: [{}] Cannot re-arm the daemon socket: {err}",
+                self.group.spec.name
+            );
+        }
+        match accepted {
+            Ok(fd) => {
+                let stream = UnixStream::from(listener::own_accepted(fd));
+                if let Some(conn) = admit(stream, &self.group, self.slot) {
+                    self.serve(conn, thread, true);
+                }
+            }
+            // Another process took the connection first.
             Err(Errno::EAGAIN | Errno::EINTR | Errno::ECONNABORTED) => {}
             Err(err) => {
                 wsgi_log!(
                     Level::Error,
-                    "WSGIRS0440: accept on daemon socket failed: {err}"
+                    "WSGIRS0440: [{}] accept on daemon socket failed: {err}",
+                    self.group.spec.name
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
-}
 
-/// Reads the request, checks where it came from, and hands it to Python.
-fn serve_connection(stream: UnixStream, group: &GroupRuntime) {
-    let name = &group.spec.name;
-    let refuse = |why: &dyn std::fmt::Display| {
-        wsgi_log!(
-            Level::Error,
-            "WSGIRS0441: [{name}] Request origin could not be validated: {why}. Connection dropped."
-        );
-    };
-    let peer_uid = match getsockopt(&stream, PeerCredentials) {
-        Ok(cred) => cred.uid(),
-        Err(err) => return refuse(&format_args!("SO_PEERCRED failed: {err}")),
-    };
-    if let Err(err) = origin::check_peer(peer_uid, group.worker_uid) {
-        return refuse(&err);
-    }
-    // The worker sends its request at once; an idle connection must not hold a thread.
-    // The worker sends its request at once, and answers body pulls as fast as its client
-    // allows (bounded by Apache's Timeout, which socket-timeout defaults to): twice that is a
-    // safe ceiling for every read, so an idle or vanished peer cannot hold a thread forever.
-    let _ = stream.set_read_timeout(Some(group.socket_timeout.max(Duration::from_secs(1)) * 2));
-    let mut conn = Connection::new(stream);
-    let payload = match conn.read_request() {
-        Ok(payload) => payload,
-        Err(err) => {
+    /// Serves the next request on `conn`, then parks it for the one after (or says goodbye
+    /// when the process is stopping).
+    fn serve(&self, conn: Connection, thread: usize, fresh: bool) {
+        let Some(conn) = self.serve_request(conn, thread, fresh) else {
+            return;
+        };
+        if self.stop.is_set() {
+            return conn.goodbye();
+        }
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
+        let mut parked = self.parked();
+        if parked.count >= MAX_PARKED {
+            drop(parked);
+            return conn.goodbye();
+        }
+        let token = parked.insert(conn);
+        // Armed while the idle set is locked: a thread woken at once waits for the lock, and
+        // then finds the connection there.
+        let registered = match parked.get(token) {
+            Some(conn) => {
+                let mut event = EpollEvent::new(flags, token);
+                if fresh {
+                    self.epoll.add(conn.stream(), event)
+                } else {
+                    self.epoll.modify(conn.stream(), &mut event)
+                }
+            }
+            None => Ok(()),
+        };
+        if let Err(err) = registered {
+            let conn = parked.take(token);
+            drop(parked);
             wsgi_log!(
                 Level::Error,
-                "WSGIRS0442: [{name}] Could not read the request from the Apache worker: {err}"
+                "WSGIRS0447: [{}] Cannot keep an idle connection from Apache: {err}",
+                self.group.spec.name
             );
-            return;
+            if let Some(conn) = conn {
+                conn.goodbye();
+            }
+        }
+    }
+
+    /// The process is stopping: serve the first request of every connection that already
+    /// reached the listener (those have nowhere else to go), and close the idle ones with a
+    /// Goodbye, which tells their workers to send their next request elsewhere.
+    fn drain(&self, thread: usize) {
+        while let Ok(fd) = accept4(self.listen_fd, SockFlag::SOCK_CLOEXEC) {
+            let stream = UnixStream::from(listener::own_accepted(fd));
+            if let Some(conn) = admit(stream, &self.group, self.slot) {
+                self.serve(conn, thread, true);
+            }
+        }
+        self.close_idle();
+    }
+
+    /// Says goodbye to every idle connection.
+    pub fn close_idle(&self) {
+        let idle = self.parked().take_all();
+        for conn in idle {
+            conn.goodbye();
+        }
+    }
+}
+
+/// Checks a new connection's peer and sets its deadlines.
+fn admit(stream: UnixStream, group: &GroupRuntime, slot: u32) -> Option<Connection> {
+    let peer_uid = match getsockopt(&stream, PeerCredentials) {
+        Ok(cred) => cred.uid(),
+        Err(err) => {
+            refuse_origin(group, &format_args!("SO_PEERCRED failed: {err}"));
+            return None;
         }
     };
-    let pairs: Vec<(&[u8], &[u8])> = match wire::pairs(Kind::Request, &payload).collect() {
-        Ok(pairs) => pairs,
-        Err(err) => return refuse(&format_args!("malformed request: {err}")),
-    };
-    let secret = origin::secret_for(group.index).unwrap_or([0; origin::SECRET_LEN]);
-    if let Err(err) = origin::check_request(&pairs, &secret, name) {
-        return refuse(&err);
+    if let Err(err) = origin::check_peer(peer_uid, group.worker_uid) {
+        refuse_origin(group, &err);
+        return None;
     }
-    if let Some(limit) = group.spec.queue_timeout {
-        if let Some(waited) = queue_wait(&pairs) {
-            if waited > limit {
+    // Requests are read only when epoll says one is there, and the worker answers body pulls
+    // as fast as its client allows (bounded by Apache's Timeout, which socket-timeout defaults
+    // to): twice that is a safe ceiling for every read, so a stalled or vanished peer cannot
+    // hold a thread forever.
+    let _ = stream.set_read_timeout(Some(group.socket_timeout.max(Duration::from_secs(1)) * 2));
+    Some(Connection::new(stream, slot))
+}
+
+fn refuse_origin(group: &GroupRuntime, why: &dyn std::fmt::Display) {
+    wsgi_log!(
+        Level::Error,
+        "WSGIRS0441: [{}] Request origin could not be validated: {why}. Connection dropped.",
+        group.spec.name
+    );
+}
+
+impl Dispatcher {
+    /// Reads one request, checks where it came from, and hands it to Python. Returns the
+    /// connection when it can carry another request. `fresh`: the first request of a new
+    /// connection (for a kept one, the worker closing it is normal: its Apache child exited).
+    fn serve_request(
+        &self,
+        mut conn: Connection,
+        thread: usize,
+        fresh: bool,
+    ) -> Option<Connection> {
+        let group = &*self.group;
+        let name = &group.spec.name;
+        let payload = match conn.read_request() {
+            Ok(payload) => payload,
+            Err(WireError::Closed) if !fresh => return None,
+            Err(err) => {
                 wsgi_log!(
                     Level::Error,
-                    "WSGIRS0446: Queue timeout expired for WSGI daemon process '{name}'. The \
-                     request waited {:.1}s for a free thread (queue-timeout is {}s).",
-                    waited.as_secs_f64(),
-                    limit.as_secs()
+                    "WSGIRS0442: [{name}] Could not read the request from the Apache worker: {err}"
                 );
-                let _ = conn.send_fail(504);
-                return;
+                return None;
+            }
+        };
+        let pairs: Vec<(&[u8], &[u8])> = match wire::pairs(Kind::Request, &payload).collect() {
+            Ok(pairs) => pairs,
+            Err(err) => {
+                refuse_origin(group, &format_args!("malformed request: {err}"));
+                return None;
+            }
+        };
+        let secret = origin::secret_for(group.index).unwrap_or([0; origin::SECRET_LEN]);
+        if let Err(err) = origin::check_request(&pairs, &secret, name) {
+            refuse_origin(group, &err);
+            return None;
+        }
+        if let Some(limit) = group.spec.queue_timeout {
+            if let Some(waited) = queue_wait(&pairs) {
+                if waited > limit {
+                    wsgi_log!(
+                        Level::Error,
+                        "WSGIRS0446: Queue timeout expired for WSGI daemon process '{name}'. The \
+                     request waited {:.1}s for a free thread (queue-timeout is {}s).",
+                        waited.as_secs_f64(),
+                        limit.as_secs()
+                    );
+                    return conn.send_fail(504).is_ok().then_some(conn);
+                }
             }
         }
-    }
-    python::serve(conn, &pairs[1..], group);
-}
-
-/// Waits until a connection may be accepted or the process stops. Each thread has its own
-/// epoll set with the listener registered EPOLLEXCLUSIVE, so a new connection wakes one
-/// thread rather than every thread of every process of the group; plain poll() is the
-/// fallback where epoll is refused.
-struct AcceptWaiter<'a> {
-    epoll: Option<Epoll>,
-    listener: BorrowedFd<'a>,
-    stop: BorrowedFd<'a>,
-}
-
-impl<'a> AcceptWaiter<'a> {
-    fn new(listener: BorrowedFd<'a>, stop: BorrowedFd<'a>) -> AcceptWaiter<'a> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .ok()
-            .filter(|epoll| {
-                let exclusive = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-                epoll.add(listener, EpollEvent::new(exclusive, 0)).is_ok()
-                    && epoll
-                        .add(stop, EpollEvent::new(EpollFlags::EPOLLIN, 1))
-                        .is_ok()
-            });
-        AcceptWaiter {
-            epoll,
-            listener,
-            stop,
+        let activity = lifecycle::activity();
+        if let Some(a) = activity {
+            a.request_started(thread);
         }
-    }
-
-    fn wait(&self) -> nix::Result<()> {
-        match &self.epoll {
-            Some(epoll) => {
-                let mut events = [EpollEvent::empty(); 2];
-                epoll.wait(&mut events, EpollTimeout::NONE).map(|_| ())
-            }
-            None => {
-                let mut fds = [
-                    PollFd::new(self.listener, PollFlags::POLLIN),
-                    PollFd::new(self.stop, PollFlags::POLLIN),
-                ];
-                poll(&mut fds, PollTimeout::NONE).map(|_| ())
+        if let Some(slot) = self.load {
+            slot.enter();
+        }
+        let conn = python::serve(conn, &pairs[1..], group);
+        if let Some(slot) = self.load {
+            slot.leave();
+        }
+        if let Some(a) = activity {
+            let finished = a.request_finished(thread);
+            if let Some(verdict) = a.reached_maximum(&self.policy, finished) {
+                apply_verdict(name, verdict);
             }
         }
+        conn
     }
 }
 

@@ -18,6 +18,7 @@ use crate::config::daemon_process::{AccountLookup, SystemAccounts};
 use crate::config::{self, DirConfig, ServerConfig};
 use crate::daemon::origin::{Secret, SECRET_LEN};
 use crate::daemon::{self, listener, privileges::Identity, supervisor, GroupRuntime, Registry};
+use crate::load::{LoadBoard, LoadSlot};
 use crate::logging::Level;
 
 /// The module record Apache reads; `static mut` because Apache writes its index and links.
@@ -313,7 +314,10 @@ unsafe fn start_daemons(
         if spec.python_home.is_none() {
             spec.python_home = main_config.python_home.clone();
         }
+        // SAFETY: pconf is live during post_config.
+        let load = unsafe { map_load_board(pconf, &spec.name, spec.processes.max(1) as usize) };
         groups.push(GroupRuntime {
+            load,
             import_scripts: config::imports_for(&spec.name),
             index,
             worker_uid: run_uid,
@@ -363,6 +367,76 @@ unsafe fn start_daemons(
     )
     .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The load boards of the current generation (address and length of each group's mapping, in
+/// group order), so a daemon can unmap the other groups' boards.
+static LOAD_BOARDS: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// Maps a group's load board: `processes` slots of shared, anonymous, zeroed memory (a valid
+/// empty board) that every child forked afterwards inherits. The parent unmaps it when pconf
+/// is cleared (a restart or stop); children keep their own mapping until they exit. The parent
+/// itself never reads or writes a board, it only hands it to children. Without the mapping
+/// the group runs with an empty board: every idle connection counts as usable.
+///
+/// # Safety
+/// `pconf` is live.
+unsafe fn map_load_board(pconf: *mut ffi::apr_pool_t, group: &str, processes: usize) -> LoadBoard {
+    let len = processes * std::mem::size_of::<LoadSlot>();
+    // A named memfd rather than MAP_ANONYMOUS: /proc/<pid>/maps then says what the mapping is
+    // ("/memfd:wsgi-load:<group>"), where an anonymous one would pass for Apache's scoreboard.
+    let name = super::pool::cstring(&format!(
+        "wsgi-load:{}",
+        group.chars().take(200).collect::<String>()
+    ));
+    // SAFETY: a NUL-terminated name; the descriptor is ours and closed below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return LoadBoard::default();
+    }
+    let size = libc::off_t::try_from(len).unwrap_or(0);
+    // SAFETY: our fresh memfd; the new mapping touches no existing memory; the mapping keeps
+    // the memory alive after the descriptor is closed.
+    let address = unsafe {
+        let address = if libc::ftruncate(fd, size) == 0 {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        } else {
+            libc::MAP_FAILED
+        };
+        libc::close(fd);
+        address
+    };
+    if address == libc::MAP_FAILED || len == 0 {
+        return LoadBoard::default();
+    }
+    let raw = address as usize;
+    if let Ok(mut boards) = LOAD_BOARDS.lock() {
+        boards.push((raw, len));
+    }
+    // SAFETY: page-aligned (LoadSlot needs 64), zeroed and `processes` slots long; it stays
+    // mapped in every child, which are the only processes that use it.
+    let slots = unsafe { std::slice::from_raw_parts(address.cast::<LoadSlot>(), processes) };
+    // SAFETY: pconf is live; the cleanup runs once, when it is cleared.
+    unsafe {
+        on_cleanup(
+            pconf,
+            Box::new(move || {
+                if let Ok(mut boards) = LOAD_BOARDS.lock() {
+                    boards.retain(|&(a, _)| a != raw);
+                }
+                // SAFETY: our own mapping; the parent holds no reference it will use again.
+                libc::munmap(raw as *mut c_void, len);
+            }),
+        )
+    };
+    LoadBoard::new(slots)
 }
 
 /// Each group's origin secret, kept in the process pool so it survives graceful restarts
@@ -438,9 +512,21 @@ fn adopt_draining_daemon(pid: i32) {
 /// HTTP listeners, the scoreboard shared with the workers) and say which inherited
 /// descriptors to keep (the error logs). Everything else is closed by the caller, so a
 /// user's app cannot write the MPM's pipe of death, the access logs or the scoreboard.
-fn prepare_daemon_child(title: Option<&str>) -> Vec<RawFd> {
+fn prepare_daemon_child(title: Option<&str>, group: usize) -> Vec<RawFd> {
     if let Some(title) = title {
         set_process_title(title);
+    }
+    // Another group's load board is none of this daemon's business.
+    let boards = LOAD_BOARDS
+        .lock()
+        .map(|boards| boards.clone())
+        .unwrap_or_default();
+    for (index, &(address, len)) in boards.iter().enumerate() {
+        if index != group {
+            // SAFETY: a mapping made by map_load_board in the parent, inherited by this
+            // single-threaded child; nothing in a daemon refers to another group's board.
+            unsafe { libc::munmap(address as *mut c_void, len) };
+        }
     }
     // SAFETY: closes the listener sockets this forked process inherited.
     unsafe { ffi::ap_close_listeners() };

@@ -3,14 +3,16 @@
 //! the request to `proxy::forward`, with `ApacheClient` as its view of the client.
 
 use std::ffi::{c_char, c_int, c_long};
+use std::sync::OnceLock;
 
 use super::ffi;
 use super::log::request_log;
 use super::module::{guarded, module_config};
 use super::pool::{cstr_bytes, cstr_lossy, cstring, pstrdup};
 use crate::config::{match_prefix, AliasMatch, DirConfig, ServerConfig};
+use crate::daemon::GroupRuntime;
 use crate::logging::Level;
-use crate::proxy::{self, Client, ClientError, Outcome, ProxyError, Target};
+use crate::proxy::{self, Client, ClientError, Outcome, Pool, ProxyError, Target};
 use crate::{daemon, route, wire};
 
 const ALIAS_NOTE: &std::ffi::CStr = c"mod_wsgi.script_alias";
@@ -247,6 +249,8 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             connect_timeout: group.spec.connect_timeout,
             socket_timeout: group.socket_timeout,
             header_buffer_size: group.spec.header_buffer_size,
+            pool: pool_for(group),
+            load: group.load,
         };
         let mut client = ApacheClient { r, redirect: None };
         match proxy::forward(&target, &environ, &mut client) {
@@ -257,6 +261,38 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             Ok(Outcome::DaemonStatus(status)) => c_int::from(status),
             Err(err) => report(r, &err),
         }
+    }
+}
+
+/// This Apache child's idle connections, one pool per group of the registry it was forked
+/// with (a child never sees another generation).
+static POOLS: OnceLock<Vec<Pool>> = OnceLock::new();
+
+fn pool_for(group: &GroupRuntime) -> Option<&'static Pool> {
+    let pools = POOLS.get_or_init(|| {
+        let capacity = threads_per_child();
+        daemon::registry()
+            .map(|registry| {
+                registry
+                    .groups
+                    .iter()
+                    .map(|g| Pool::new(&g.socket_path, capacity))
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    pools.get(group.index)
+}
+
+/// The MPM's ThreadsPerChild: no child ever needs more idle connections per group.
+fn threads_per_child() -> usize {
+    let mut threads: c_int = 0;
+    // SAFETY: ap_mpm_query writes one int for AP_MPMQ_MAX_THREADS.
+    let status = unsafe { ffi::ap_mpm_query(ffi::AP_MPMQ_MAX_THREADS as c_int, &mut threads) };
+    if status == ffi::APR_SUCCESS as c_int && threads > 0 {
+        usize::try_from(threads).unwrap_or(64)
+    } else {
+        64
     }
 }
 

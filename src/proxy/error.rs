@@ -194,6 +194,15 @@ pub enum ProxyError {
     },
 
     #[error(
+        "WSGIRS0313: Daemon process '{group}' closed the connection {attempts} times without \
+         reading the request for {script}: its processes keep restarting"
+    )]
+    TurnedAway {
+        group: String,
+        script: String,
+        attempts: u32,
+    },
+    #[error(
         "WSGIRS0320: Failed to proxy response from daemon process '{group}' after the response \
          headers were sent: {script}: {cause}"
     )]
@@ -216,7 +225,9 @@ impl ProxyError {
     /// httpd layer aborts the connection instead; the status only goes to the access log).
     pub fn status(&self) -> u16 {
         match self {
-            ProxyError::Connect { .. } | ProxyError::SocketUnavailable { .. } => 503,
+            ProxyError::Connect { .. }
+            | ProxyError::SocketUnavailable { .. }
+            | ProxyError::TurnedAway { .. } => 503,
             ProxyError::SendRequest { source, .. } if is_timeout(source) => 504,
             ProxyError::SendRequest { .. } => 500,
             ProxyError::HeaderTimeout { .. } => 504,

@@ -24,20 +24,24 @@
 
 mod connect;
 mod error;
+mod pool;
 
 pub use error::{ProxyError, TruncatedWhy};
+pub use pool::Pool;
 
 use std::io::{self, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::load::LoadBoard;
 use crate::logging::Level;
 use crate::wire::{self, Kind, WireError};
 use crate::wsgi_log;
 
 use connect::Sender;
 use error::escape;
+use pool::Idle;
 
 /// The read buffer on the daemon socket: frame headers and small frames come out of it
 /// without a syscall each; big payloads are read straight into the frame buffer.
@@ -84,6 +88,10 @@ pub struct Target<'a> {
     /// The largest Headers frame accepted (the group's header-buffer-size; 0: the default,
     /// 32768).
     pub header_buffer_size: usize,
+    /// This Apache child's idle connections to the group, if it keeps any.
+    pub pool: Option<&'a Pool>,
+    /// The group's load board (empty: every process counts as free).
+    pub load: LoadBoard,
 }
 
 /// header-buffer-size when the group gives 0 (mod_wsgi's default).
@@ -108,8 +116,18 @@ pub enum Outcome {
     DaemonStatus(u16),
 }
 
+/// How often a request is sent again after daemons closed the connection without reading it
+/// (they were stopping); beyond that the group is restarting too fast to be used.
+const MAX_RESENDS: u32 = 4;
+
 /// Runs one request through the daemon group `target`. `environ` is a wire pairs payload,
 /// already encoded. Blocks the calling Apache worker thread until the response is relayed.
+///
+/// The request goes over an idle connection from `target.pool` when one leads to a daemon
+/// process with a free thread, otherwise over a new one; a connection whose response ended
+/// cleanly goes back to the pool. A daemon that closes an idle connection answers Goodbye
+/// (or the connection is already gone when the request is written): nothing was read, so the
+/// request is sent again, whatever its method.
 pub fn forward(
     target: &Target<'_>,
     environ: &[u8],
@@ -122,6 +140,34 @@ pub fn forward(
             len: environ.len(),
         });
     }
+    let pool = target.pool.filter(|p| p.serves(target.socket_path));
+    let mut resends = 0;
+    loop {
+        let (conn, reused) = match pool.and_then(|p| p.take(&target.load)) {
+            Some(idle) => (idle, true),
+            None => (open(target)?, false),
+        };
+        match exchange(target, conn, reused, environ, client)? {
+            Exchange::Done(outcome, keep) => {
+                if let (Some(pool), Some(conn)) = (pool, keep) {
+                    pool.put(conn);
+                }
+                return Ok(outcome);
+            }
+            Exchange::NotRead if resends < MAX_RESENDS => resends += 1,
+            Exchange::NotRead => {
+                return Err(ProxyError::TurnedAway {
+                    group: target.group.to_owned(),
+                    script: target.script.to_owned(),
+                    attempts: resends + 1,
+                })
+            }
+        }
+    }
+}
+
+/// A new connection to the group, with its deadlines set.
+fn open(target: &Target<'_>) -> Result<Idle, ProxyError> {
     let stream = connect::connect(target)?;
     let timeout = (!target.socket_timeout.is_zero()).then_some(target.socket_timeout);
     stream
@@ -133,27 +179,63 @@ pub fn forward(
             during: "setting the socket timeouts",
             source,
         })?;
-    wire::write_frame(&mut Sender(&stream), Kind::Request, environ).map_err(|source| {
-        ProxyError::SendRequest {
+    Ok(Idle { stream, slot: None })
+}
+
+/// How one attempt over one connection ended.
+enum Exchange {
+    /// The response was relayed (or the daemon asked for an error page); the connection, when
+    /// it can carry another request.
+    Done(Outcome, Option<Idle>),
+    /// The daemon closed the connection without reading the request.
+    NotRead,
+}
+
+fn exchange(
+    target: &Target<'_>,
+    conn: Idle,
+    reused: bool,
+    environ: &[u8],
+    client: &mut impl Client,
+) -> Result<Exchange, ProxyError> {
+    if let Err(source) = wire::write_frame(&mut Sender(&conn.stream), Kind::Request, environ) {
+        // A kept connection the daemon closed after we checked it: it never saw the request.
+        if reused && is_reset(&source) {
+            return Ok(Exchange::NotRead);
+        }
+        return Err(ProxyError::SendRequest {
             group: target.group.to_owned(),
             path: target.socket_path.to_owned(),
             script: target.script.to_owned(),
             source,
-        }
-    })?;
-    Relay {
+        });
+    }
+    let mut relay = Relay {
         target,
-        stream: &stream,
-        reader: BufReader::with_capacity(READ_BUFFER, &stream),
+        stream: &conn.stream,
+        reader: BufReader::with_capacity(READ_BUFFER, &conn.stream),
         payload: Vec::new(),
         headers_sent: false,
         body_done: false,
         unflushed: false,
         body_left: None,
         excess_logged: false,
-    }
-    .run(client)
-    // Dropping the stream closes the connection: on an error the daemon sees EOF.
+        answered: false,
+        slot: conn.slot,
+    };
+    // On an error the connection is dropped, which closes it: the daemon sees EOF.
+    let outcome = match relay.run(client)? {
+        Some(outcome) => outcome,
+        None => return Ok(Exchange::NotRead),
+    };
+    let clean = relay.reader.buffer().is_empty();
+    let slot = relay.slot;
+    drop(relay);
+    let keep = clean.then_some(Idle {
+        stream: conn.stream,
+        slot,
+    });
+    Ok(Exchange::Done(outcome, keep))
 }
 
 /// One request's relay state after the Request frame went out.
@@ -174,10 +256,16 @@ struct Relay<'t, 's> {
     body_left: Option<u64>,
     /// The excess over Content-Length was already reported.
     excess_logged: bool,
+    /// Some frame of the answer has arrived (a Goodbye is only one before anything else).
+    answered: bool,
+    /// The daemon process's slot on the load board, as its End frame gave it.
+    slot: Option<usize>,
 }
 
 impl Relay<'_, '_> {
-    fn run(mut self, client: &mut impl Client) -> Result<Outcome, ProxyError> {
+    /// Relays the answer; None when the daemon said Goodbye instead (it did not read the
+    /// request).
+    fn run(&mut self, client: &mut impl Client) -> Result<Option<Outcome>, ProxyError> {
         loop {
             if self.unflushed && !self.daemon_has_more() {
                 self.flush(client)?;
@@ -190,7 +278,9 @@ impl Relay<'_, '_> {
                 Ok(kind) => kind,
                 Err(e) => return Err(self.read_failed(e)),
             };
+            let first = !std::mem::replace(&mut self.answered, true);
             match kind {
+                Kind::Goodbye if first => return Ok(None),
                 Kind::ReadBody => self.pull_body(client)?,
                 Kind::Headers if !self.headers_sent => self.relay_headers(client)?,
                 Kind::Data if self.headers_sent => {
@@ -209,12 +299,13 @@ impl Relay<'_, '_> {
                              Content-Length"
                         )));
                     }
+                    self.slot = wire::decode_end(&self.payload).or(self.slot);
                     self.flush(client)?;
-                    return Ok(Outcome::Completed);
+                    return Ok(Some(Outcome::Completed));
                 }
                 Kind::Fail if !self.headers_sent => {
                     return match wire::decode_status(&self.payload) {
-                        Ok(status) => Ok(Outcome::DaemonStatus(status)),
+                        Ok(status) => Ok(Some(Outcome::DaemonStatus(status))),
                         Err(e) => Err(self.protocol(e.to_string())),
                     };
                 }
@@ -631,6 +722,8 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             socket_timeout: Duration::from_secs(5),
             header_buffer_size: 32768,
+            pool: None,
+            load: crate::load::LoadBoard::default(),
         }
     }
 

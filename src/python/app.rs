@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -173,21 +173,24 @@ fn load_app<'py>(
 }
 
 /// Runs one request; every failure is logged here and turned into a Fail frame or a dropped
-/// connection, so nothing escapes to the accept loop.
-pub fn serve(mut conn: Connection, pairs: &[(&[u8], &[u8])], group: &GroupRuntime) {
+/// connection, so nothing escapes to the accept loop. Gives the connection back when the
+/// response ended cleanly and nothing else (a `wsgi.input` the app kept) still holds it.
+pub fn serve(
+    mut conn: Connection,
+    pairs: &[(&[u8], &[u8])],
+    group: &GroupRuntime,
+) -> Option<Connection> {
     let info = request_info(pairs);
     conn.set_content_length(info.content_length);
-    let conn: SharedConnection = Arc::new(Mutex::new(conn));
-    Python::attach(|py| run(py, &conn, pairs, &info, &group.spec.name));
+    let shared = SharedConnection::new(conn);
+    Python::attach(|py| run(py, &shared, pairs, &info, &group.spec.name));
+    let conn = shared.take()?;
+    conn.reusable().then_some(conn)
 }
 
 fn send_fail(py: Python<'_>, conn: &SharedConnection, status: u16) {
-    let conn = Arc::clone(conn);
-    let _ = py.detach(move || {
-        conn.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send_fail(status)
-    });
+    let conn = conn.clone();
+    let _ = py.detach(move || conn.with(|c| c.send_fail(status)));
 }
 
 fn run(
@@ -231,7 +234,7 @@ fn run(
         }
     };
     let outcome = call_app(py, conn, pairs, &app, group);
-    let peer_gone = conn.lock().unwrap_or_else(|p| p.into_inner()).peer_gone();
+    let peer_gone = conn.with(|c| Ok(c.peer_gone())).unwrap_or(true);
     if outcome.is_err() && peer_gone {
         // Not the application's fault: the client went away and Apache hung up.
         wsgi_log!(
@@ -250,10 +253,7 @@ fn run(
             ),
             &err,
         );
-        let sent = conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .headers_sent();
+        let sent = conn.with(|c| Ok(c.headers_sent())).unwrap_or(true);
         if !sent {
             send_fail(py, conn, 500);
         }
@@ -273,18 +273,13 @@ fn call_app(
         multithread: true,
         multiprocess: false,
     });
-    let input = Bound::new(py, Input::new(Arc::clone(conn)))?.into_any();
+    let input = Bound::new(py, Input::new(conn.clone()))?.into_any();
     let errors = Bound::new(py, LogStream::new(group, "wsgi.errors", Level::Error))?.into_any();
     let environ = environ::build(py, pairs, &facts, input, errors)?;
     if let Some(wrapper) = FILE_WRAPPER.get() {
         environ.set_item("wsgi.file_wrapper", wrapper.bind(py))?;
     }
-    let start_response = Bound::new(
-        py,
-        StartResponse {
-            conn: Arc::clone(conn),
-        },
-    )?;
+    let start_response = Bound::new(py, StartResponse { conn: conn.clone() })?;
     let result = app.call1((environ, start_response))?;
     let iterated = send_iterable(py, conn, &result);
     // PEP 3333: close() is called whatever happened while iterating.
@@ -295,15 +290,16 @@ fn call_app(
     };
     iterated?;
     closed?;
-    let conn = Arc::clone(conn);
+    let conn = conn.clone();
     py.detach(move || {
-        let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-        if !c.flush_headers()? {
-            return Err(std::io::Error::other(
-                "the application returned without calling start_response()",
-            ));
-        }
-        c.send_end()
+        conn.with(|c| {
+            if !c.flush_headers()? {
+                return Err(std::io::Error::other(
+                    "the application returned without calling start_response()",
+                ));
+            }
+            c.send_end()
+        })
     })
     .map_err(io_to_py)
 }
@@ -344,26 +340,31 @@ fn send_iterable(
 fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8], flush: bool) -> PyResult<()> {
     if !flush {
         // Queuing is a memory copy: no need to release the GIL for it.
-        let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-        if !c.headers_sent() {
-            c.queue_headers();
-        }
-        if c.headers_sent() && (data.is_empty() || c.try_queue_data(data)) {
+        let queued = conn
+            .with(|c| {
+                if !c.headers_sent() {
+                    c.queue_headers();
+                }
+                Ok(c.headers_sent() && (data.is_empty() || c.try_queue_data(data)))
+            })
+            .map_err(io_to_py)?;
+        if queued {
             return Ok(());
         }
     }
-    let conn = Arc::clone(conn);
+    let conn = conn.clone();
     py.detach(move || {
-        let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-        if !c.flush_headers()? {
-            return Err(std::io::Error::other(
-                "response body was produced before start_response() was called",
-            ));
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
-        c.send_data(data, flush)
+        conn.with(|c| {
+            if !c.flush_headers()? {
+                return Err(std::io::Error::other(
+                    "response body was produced before start_response() was called",
+                ));
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+            c.send_data(data, flush)
+        })
     })
     .map_err(io_to_py)
 }
@@ -400,17 +401,18 @@ impl StartResponse {
         exc_info: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<Write>> {
         let exc_info = exc_info.filter(|e| !e.is_none());
-        {
-            let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(exc_info) = exc_info {
-                if c.headers_sent() {
-                    // PEP 3333: too late to change the response; re-raise the original error.
-                    let tuple = exc_info.cast::<PyTuple>()?;
-                    return Err(PyErr::from_value(tuple.get_item(1)?));
-                }
-            } else if c.has_pending_headers() || c.headers_sent() {
-                return Err(PyRuntimeError::new_err("headers have already been set"));
+        let (sent, pending) = self
+            .conn
+            .with(|c| Ok((c.headers_sent(), c.has_pending_headers())))
+            .map_err(io_to_py)?;
+        if let Some(exc_info) = exc_info {
+            if sent {
+                // PEP 3333: too late to change the response; re-raise the original error.
+                let tuple = exc_info.cast::<PyTuple>()?;
+                return Err(PyErr::from_value(tuple.get_item(1)?));
             }
+        } else if pending || sent {
+            return Err(PyRuntimeError::new_err("headers have already been set"));
         }
         let status: String = status
             .extract()
@@ -449,13 +451,15 @@ impl StartResponse {
             encoded.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
         );
         self.conn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_pending_headers(payload);
+            .with(|c| {
+                c.set_pending_headers(payload);
+                Ok(())
+            })
+            .map_err(io_to_py)?;
         Py::new(
             py,
             Write {
-                conn: Arc::clone(&self.conn),
+                conn: self.conn.clone(),
             },
         )
     }

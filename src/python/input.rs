@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io;
 use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyOSError;
@@ -12,7 +13,34 @@ use pyo3::types::{PyBytes, PyList};
 use crate::daemon::connection::Connection;
 use crate::wire::WireError;
 
-pub type SharedConnection = Arc<Mutex<Connection>>;
+/// The request's connection as the Python objects of one request share it. The daemon takes
+/// it back when the response is over, so an object the app keeps (`wsgi.input`, the `write`
+/// callable) cannot reach whatever request the connection carries next.
+#[derive(Clone)]
+pub struct SharedConnection(Arc<Mutex<Option<Connection>>>);
+
+impl SharedConnection {
+    pub fn new(conn: Connection) -> SharedConnection {
+        SharedConnection(Arc::new(Mutex::new(Some(conn))))
+    }
+
+    /// Runs `f` on the connection; fails once the request is over.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Connection) -> io::Result<T>) -> io::Result<T> {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(conn) => f(conn),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the request is over: its input and output can no longer be used",
+            )),
+        }
+    }
+
+    /// Ends the request: takes the connection back from every object that shares it.
+    pub fn take(&self) -> Option<Connection> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
 
 #[pyclass(module = "mod_wsgi")]
 pub struct Input {
@@ -29,12 +57,9 @@ impl Input {
         py: Python<'_>,
         f: impl FnOnce(&mut Connection) -> Result<T, WireError> + Send,
     ) -> PyResult<T> {
-        let conn = Arc::clone(&self.conn);
-        py.detach(move || {
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
-        })
-        .map_err(|err| PyOSError::new_err(format!("request body could not be read: {err}")))
+        let conn = self.conn.clone();
+        py.detach(move || conn.with(|c| f(c).map_err(io::Error::other)))
+            .map_err(|err| PyOSError::new_err(format!("request body could not be read: {err}")))
     }
 }
 

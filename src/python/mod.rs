@@ -84,7 +84,12 @@ pub fn preload(script: &str, group: &str) {
     app::preload(script, group);
 }
 
-/// Runs one validated request (its environ pairs, secret removed) to the end.
-pub fn serve(conn: Connection, pairs: &[(&[u8], &[u8])], group: &GroupRuntime) {
-    app::serve(conn, pairs, group);
+/// Runs one validated request (its environ pairs, secret removed) to the end; returns the
+/// connection when it can carry another request.
+pub fn serve(
+    conn: Connection,
+    pairs: &[(&[u8], &[u8])],
+    group: &GroupRuntime,
+) -> Option<Connection> {
+    app::serve(conn, pairs, group)
 }
