@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! worker → daemon   Request(environ pairs)
-//! daemon → worker   ReadBody(max) … when the app reads wsgi.input
+//! daemon → worker   ReadBody(max, fill) … when the app reads wsgi.input
 //! worker → daemon   Body(bytes) | BodyEnd      (one answer per ReadBody)
 //! daemon → worker   Headers(status, pairs), Data(bytes)…, End(slot)
 //!                   or Fail(status) before Headers (the worker answers with Apache's error page)
@@ -148,13 +148,13 @@ pub fn read_frame(
         return Err(WireError::Oversized { kind, len, cap });
     }
     payload.clear();
-    // reserve_exact first: a reused buffer must not grow past the cap by doubling.
+    // reserve_exact first: a reused buffer must not grow past the cap by doubling. Reading
+    // through take() fills the spare capacity directly, without zeroing it first.
     payload.reserve_exact(len);
-    payload.resize(len, 0);
-    r.read_exact(payload).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => WireError::Truncated,
-        _ => WireError::Io(e),
-    })?;
+    let got = r.take(len as u64).read_to_end(payload)?;
+    if got < len {
+        return Err(WireError::Truncated);
+    }
     Ok(kind)
 }
 
@@ -265,7 +265,23 @@ pub fn decode_headers(payload: &[u8]) -> Result<(&[u8], HeaderPairs<'_>), WireEr
     Ok((status, headers))
 }
 
-/// A ReadBody payload: how many bytes the daemon wants at most.
+/// In a ReadBody payload, the bit that asks the worker to keep reading the client until it has
+/// all the bytes asked for (or the body ends), rather than answer with what one read gave:
+/// `wsgi.input.read(n)` needs n bytes anyway, and one answer instead of many round trips is
+/// what makes uploads fast. Asks never come near it (MAX_CHUNK is far below).
+const FILL: u32 = 1 << 31;
+
+/// A ReadBody payload: how many bytes the daemon wants at most, and whether it wants them all.
+pub fn encode_read_body(max: u32, fill: bool) -> [u8; 4] {
+    (max & !FILL | if fill { FILL } else { 0 }).to_le_bytes()
+}
+
+pub fn decode_read_body(payload: &[u8]) -> Result<(u32, bool), WireError> {
+    let raw = decode_u32(Kind::ReadBody, payload)?;
+    Ok((raw & !FILL, raw & FILL != 0))
+}
+
+/// A 4-byte little-endian number (an End frame's slot).
 pub fn encode_u32(value: u32) -> [u8; 4] {
     value.to_le_bytes()
 }
@@ -459,6 +475,14 @@ mod tests {
             65536
         );
         assert!(decode_u32(Kind::ReadBody, &[1, 2]).is_err());
+        assert_eq!(
+            decode_read_body(&encode_read_body(65536, true)).unwrap(),
+            (65536, true)
+        );
+        assert_eq!(
+            decode_read_body(&encode_read_body(7, false)).unwrap(),
+            (7, false)
+        );
         assert_eq!(decode_status(&500u16.to_le_bytes()).unwrap(), 500);
         assert!(decode_status(&42u16.to_le_bytes()).is_err());
         assert!(decode_status(&[1]).is_err());

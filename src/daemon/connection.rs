@@ -13,6 +13,11 @@ use crate::wire::{self, Kind, WireError};
 
 /// How much body one pull asks the worker for, at least.
 const PULL_SIZE: usize = 64 * 1024;
+/// The read buffer: a Request frame (the environ) usually fits; big Body frames bypass it.
+const READ_BUFFER: usize = 16 * 1024;
+/// Buffers bigger than this are given back when a connection goes idle, so the idle
+/// connections of a daemon (up to one per Apache worker thread) stay small.
+const IDLE_KEEP: usize = 64 * 1024;
 /// Frames smaller than this wait in `out` until a flush, so a small response (headers, body
 /// and End) leaves in one write.
 const OUT_CAP: usize = 64 * 1024;
@@ -42,7 +47,7 @@ pub struct Connection {
 impl Connection {
     pub fn new(stream: UnixStream, slot: u32) -> Connection {
         Connection {
-            reader: BufReader::with_capacity(PULL_SIZE, stream),
+            reader: BufReader::with_capacity(READ_BUFFER, stream),
             out: Vec::new(),
             frame: Vec::new(),
             input: Vec::new(),
@@ -127,6 +132,10 @@ impl Connection {
     }
 
     fn consume(&mut self, n: usize) -> Vec<u8> {
+        if self.input_pos == 0 && n == self.input.len() {
+            // The whole buffer (usually one pulled frame): hand it over without a copy.
+            return std::mem::take(&mut self.input);
+        }
         let out = self.input[self.input_pos..self.input_pos + n].to_vec();
         self.input_pos += n;
         if self.input_pos == self.input.len() {
@@ -136,8 +145,10 @@ impl Connection {
         out
     }
 
-    /// Pulls more body into the buffer; false at the end of the body.
-    fn fill(&mut self, want: usize) -> Result<bool, WireError> {
+    /// Pulls more body into the buffer; false at the end of the body. With `exact`, the worker
+    /// answers only once it has `want` bytes (or the body ended); otherwise with what the
+    /// client had sent so far (a line reader must not wait for more than one line).
+    fn fill(&mut self, want: usize, exact: bool) -> Result<bool, WireError> {
         if self.body_done {
             return Ok(false);
         }
@@ -145,7 +156,13 @@ impl Connection {
         if let Some(left) = self.body_left {
             ask = ask.min(usize::try_from(left).unwrap_or(usize::MAX));
         }
-        self.send_frame(Kind::ReadBody, &wire::encode_u32(ask as u32), true)?;
+        // Asking for more than the app wants (the PULL_SIZE floor) is fine, waiting for it is not.
+        let fill = exact && ask <= want;
+        self.send_frame(
+            Kind::ReadBody,
+            &wire::encode_read_body(ask as u32, fill),
+            true,
+        )?;
         match wire::read_frame(&mut self.reader, &mut self.frame, 0)? {
             Kind::Body if !self.frame.is_empty() => {
                 let mut got = self.frame.len();
@@ -156,6 +173,13 @@ impl Connection {
                     if *left == 0 {
                         self.body_done = true;
                     }
+                }
+                if self.input.is_empty() {
+                    // Nothing buffered: the frame becomes the buffer, without a copy.
+                    self.frame.truncate(got);
+                    std::mem::swap(&mut self.input, &mut self.frame);
+                    self.input_pos = 0;
+                    return Ok(true);
                 }
                 if self.input_pos > 0 {
                     self.input.drain(..self.input_pos);
@@ -181,7 +205,7 @@ impl Connection {
         let limit = size.unwrap_or(usize::MAX);
         while self.buffered().len() < limit {
             let want = limit.saturating_sub(self.buffered().len());
-            if !self.fill(want)? {
+            if !self.fill(want, true)? {
                 break;
             }
         }
@@ -203,7 +227,7 @@ impl Connection {
             if searched >= limit {
                 return Ok(self.consume(limit));
             }
-            if !self.fill(PULL_SIZE)? {
+            if !self.fill(PULL_SIZE, false)? {
                 let n = self.buffered().len().min(limit);
                 return Ok(self.consume(n));
             }
@@ -295,6 +319,15 @@ impl Connection {
         self.finished && !self.peer_gone && self.reader.buffer().is_empty()
     }
 
+    /// Gives back big buffers before the connection waits, idle, for its next request.
+    pub fn trim(&mut self) {
+        for buffer in [&mut self.frame, &mut self.input, &mut self.out] {
+            if buffer.capacity() > IDLE_KEEP {
+                *buffer = Vec::new();
+            }
+        }
+    }
+
     /// The descriptor, for the idle set.
     pub fn stream(&self) -> &UnixStream {
         self.reader.get_ref()
@@ -349,7 +382,8 @@ mod tests {
             while let Ok(kind) = wire::read_frame(&mut stream, &mut frame, 1 << 20) {
                 assert_eq!(kind, Kind::ReadBody);
                 pulls += 1;
-                let ask = wire::decode_u32(Kind::ReadBody, &frame).unwrap() as usize;
+                let (ask, _) = wire::decode_read_body(&frame).unwrap();
+                let ask = ask as usize;
                 let n = ask.min(piece).min(body.len() - sent);
                 if n == 0 {
                     wire::write_frame(&mut stream, Kind::BodyEnd, b"").unwrap();

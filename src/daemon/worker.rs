@@ -527,9 +527,10 @@ impl Dispatcher {
     /// Serves the next request on `conn`, then parks it for the one after (or says goodbye
     /// when the process is stopping).
     fn serve(&self, conn: Connection, thread: usize, fresh: bool) {
-        let Some(conn) = self.serve_request(conn, thread, fresh) else {
+        let Some(mut conn) = self.serve_request(conn, thread, fresh) else {
             return;
         };
+        conn.trim();
         if self.stop.is_set() {
             return conn.goodbye();
         }

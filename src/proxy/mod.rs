@@ -4,9 +4,9 @@
 //! back. No ffi here: the httpd layer implements [`Client`] over the real request_rec and
 //! turns a [`ProxyError`] into a status, an aborted connection and a log line.
 //!
-//! Memory per request is bounded whatever the body sizes: one frame buffer (at most
-//! `wire::MAX_CHUNK` or header-buffer-size bytes) reused for every frame in both directions,
-//! plus a fixed read buffer on the socket.
+//! Memory per request is bounded whatever the body sizes: one buffer for incoming frames and
+//! one for outgoing Body frames (each at most `wire::MAX_CHUNK` or header-buffer-size bytes,
+//! reused for every frame), plus a fixed read buffer on the socket.
 //!
 //! **When the client is flushed.** Data frames are handed to [`Client::write_body`] as they
 //! arrive (Apache's output filters send them once they fill their own buffers). We additionally
@@ -215,6 +215,7 @@ fn exchange(
         stream: &conn.stream,
         reader: BufReader::with_capacity(READ_BUFFER, &conn.stream),
         payload: Vec::new(),
+        body: Vec::new(),
         headers_sent: false,
         body_done: false,
         unflushed: false,
@@ -243,8 +244,10 @@ struct Relay<'t, 's> {
     target: &'t Target<'t>,
     stream: &'s UnixStream,
     reader: BufReader<&'s UnixStream>,
-    /// The one frame buffer: each incoming frame, and each Body frame we send.
+    /// Each incoming frame.
     payload: Vec<u8>,
+    /// Each Body frame we send.
+    body: Vec<u8>,
     headers_sent: bool,
     /// The client's body reached its end (every later ReadBody gets BodyEnd).
     body_done: bool,
@@ -342,10 +345,12 @@ impl Relay<'_, '_> {
         Ok(())
     }
 
-    /// Answers one ReadBody with a Body frame of what one client read gave (never more than
-    /// asked, nor more than `wire::MAX_CHUNK`), or BodyEnd at the end of the body.
+    /// Answers one ReadBody with a Body frame (never more than asked, nor more than
+    /// `wire::MAX_CHUNK`), or BodyEnd at the end of the body. The Body holds what one client
+    /// read gave, or, when the daemon asked for all of it (`fill`), everything asked for up to
+    /// the end of the body.
     fn pull_body(&mut self, client: &mut impl Client) -> Result<(), ProxyError> {
-        let asked = match wire::decode_u32(Kind::ReadBody, &self.payload) {
+        let (asked, fill) = match wire::decode_read_body(&self.payload) {
             Ok(asked) => asked,
             Err(e) => return Err(self.protocol(e.to_string())),
         };
@@ -356,24 +361,33 @@ impl Relay<'_, '_> {
         let want = usize::try_from(asked)
             .unwrap_or(usize::MAX)
             .min(wire::MAX_CHUNK);
-        let (kind, len) = if self.body_done {
-            (Kind::BodyEnd, 0)
-        } else if want == 0 {
-            // Asked for nothing: answer with nothing, without touching the client.
-            (Kind::Body, 0)
-        } else {
-            self.payload.clear();
-            self.payload.resize(want, 0);
-            match client.read_body(&mut self.payload) {
-                Ok(0) => {
-                    self.body_done = true;
-                    (Kind::BodyEnd, 0)
-                }
-                Ok(n) => (Kind::Body, n.min(want)),
-                Err(e) => return Err(self.client_read_failed(e)),
+        let mut got = 0;
+        if !self.body_done && want > 0 {
+            // Sized once per request (zeroing it for every pull would cost a memset each).
+            if self.body.len() < want {
+                self.body.resize(want, 0);
             }
+            while got < want {
+                match client.read_body(&mut self.body[got..want]) {
+                    Ok(0) => {
+                        self.body_done = true;
+                        break;
+                    }
+                    Ok(n) => got += n.min(want - got),
+                    Err(e) => return Err(self.client_read_failed(e)),
+                }
+                if !fill {
+                    break;
+                }
+            }
+        }
+        // Asked for nothing: answer with nothing, without touching the client.
+        let kind = if got == 0 && self.body_done {
+            Kind::BodyEnd
+        } else {
+            Kind::Body
         };
-        wire::write_frame(&mut Sender(self.stream), kind, &self.payload[..len])
+        wire::write_frame(&mut Sender(self.stream), kind, &self.body[..got])
             .map_err(|e| self.write_failed(e, "sending the request body"))
     }
 
