@@ -1,9 +1,12 @@
-//! The load board: one slot per daemon process of the current generation, in memory shared by
-//! Apache's children and the daemons (the httpd layer maps it before anything forks). A daemon
-//! counts the threads it has serving a request; a worker reads the count before it reuses an
-//! idle connection to that process, and opens a fresh connection instead when the process is
-//! busy. A fresh connection is accepted by whichever process of the group has a thread free,
-//! so one slow request never holds up the next while another process of its group idles.
+//! The load board: one slot per daemon process of a group, in memory shared by Apache's
+//! children and the daemons (the httpd layer maps it before anything forks). A daemon counts
+//! the threads it has serving a request; a worker that wants to reuse an idle connection to
+//! that process first claims a place in its queue, which succeeds only while the requests
+//! being served plus those sent but not yet picked up leave a thread free. The daemon gives the
+//! claim back when it picks the request up. When no process can take a request, the worker
+//! opens a fresh connection instead, which waits in the group's listen backlog for whichever
+//! process frees a thread first: one slow request never holds up the next while another
+//! process idles, and a saturated group queues its requests first come, first served.
 //!
 //! The board only steers the choice among a group's own connections: a daemon that scribbles
 //! on its slot can slow its own group down, never reach another group (each request still
@@ -19,6 +22,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub struct LoadSlot {
     /// Threads serving a request right now.
     busy: AtomicU32,
+    /// Requests sent over kept connections that no thread has picked up yet.
+    queued: AtomicU32,
     /// The process's threads= (zero until it has started).
     threads: AtomicU32,
 }
@@ -27,6 +32,7 @@ impl LoadSlot {
     /// Called by a daemon process when it starts serving: it owns this slot from now on.
     pub fn open(&self, threads: u32) {
         self.busy.store(0, Ordering::Relaxed);
+        self.queued.store(0, Ordering::Relaxed);
         self.threads.store(threads, Ordering::Release);
     }
 
@@ -37,16 +43,40 @@ impl LoadSlot {
 
     /// A thread finished a request.
     pub fn leave(&self) {
-        // Saturating: a slot reopened by a replacement process must not wrap.
-        let _ = self
-            .busy
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        decrement(&self.busy);
     }
 
-    /// True when the process has a thread that is not serving a request.
-    pub fn has_free_thread(&self) -> bool {
-        self.busy.load(Ordering::Acquire) < self.threads.load(Ordering::Acquire)
+    /// A worker's claim on a thread of this process, for a request it is about to send over
+    /// a kept connection: true (and counted) only if a thread will be free for it.
+    pub fn try_claim(&self) -> bool {
+        let threads = self.threads.load(Ordering::Acquire);
+        let busy = self.busy.load(Ordering::Acquire);
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (busy.saturating_add(queued) < threads).then_some(queued + 1)
+            })
+            .is_ok()
     }
+
+    /// A claimed request was picked up by a thread (daemon), or never sent (worker).
+    pub fn release_claim(&self) {
+        decrement(&self.queued);
+    }
+
+    /// True when the process has a thread that is neither serving nor promised a request.
+    pub fn has_free_thread(&self) -> bool {
+        let load = self
+            .busy
+            .load(Ordering::Acquire)
+            .saturating_add(self.queued.load(Ordering::Acquire));
+        load < self.threads.load(Ordering::Acquire)
+    }
+}
+
+/// Saturating: a slot reopened by a replacement process (or a claim whose request was lost)
+/// must not wrap.
+fn decrement(counter: &AtomicU32) {
+    let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
 }
 
 /// The whole board, or an empty one where it could not be mapped (then every idle connection
@@ -65,11 +95,14 @@ impl LoadBoard {
         self.slots.get(index)
     }
 
-    /// Whether the process in `slot` can take a request now; an unknown slot (never reported,
-    /// or out of range) counts as free.
-    pub fn is_free(&self, slot: Option<usize>) -> bool {
-        slot.and_then(|index| self.slot(index))
-            .is_none_or(LoadSlot::has_free_thread)
+    /// Claims a thread of the process in `slot` for a request. `Some(None)`: the slot is
+    /// unknown (never reported, or out of range) and counts as free, with nothing to give
+    /// back; `None`: the process has no thread to spare.
+    pub fn claim(&self, slot: Option<usize>) -> Option<Option<&'static LoadSlot>> {
+        match slot.and_then(|index| self.slot(index)) {
+            None => Some(None),
+            Some(slot) => slot.try_claim().then_some(Some(slot)),
+        }
     }
 }
 
@@ -83,29 +116,34 @@ mod tests {
     }
 
     #[test]
-    fn a_process_is_free_until_all_its_threads_are_busy() {
+    fn a_process_is_free_until_its_threads_are_busy_or_promised() {
         let board = board(2);
         let slot = board.slot(1).expect("slot 1");
         assert!(!slot.has_free_thread(), "not started yet: no threads");
-        slot.open(2);
-        assert!(board.is_free(Some(1)));
+        assert!(board.claim(Some(1)).is_none());
+        slot.open(3);
         slot.enter();
-        assert!(board.is_free(Some(1)));
-        slot.enter();
-        assert!(!board.is_free(Some(1)));
+        assert!(board.claim(Some(1)).is_some(), "busy 1 of 3");
+        assert!(board.claim(Some(1)).is_some(), "busy 1, queued 1 of 3");
+        assert!(board.claim(Some(1)).is_none(), "busy 1, queued 2: full");
+        assert!(!slot.has_free_thread());
+        slot.release_claim();
+        assert!(slot.has_free_thread());
         slot.leave();
-        assert!(board.is_free(Some(1)));
+        slot.release_claim();
+        assert!(board.claim(Some(1)).is_some());
     }
 
     #[test]
-    fn unknown_slots_count_as_free_and_leave_never_wraps() {
+    fn unknown_slots_count_as_free_and_counters_never_wrap() {
         let board = board(1);
-        assert!(board.is_free(None));
-        assert!(board.is_free(Some(7)));
+        assert!(matches!(board.claim(None), Some(None)));
+        assert!(matches!(board.claim(Some(7)), Some(None)));
         let slot = board.slot(0).expect("slot 0");
         slot.leave();
+        slot.release_claim();
         slot.open(1);
         assert!(slot.has_free_thread());
-        assert!(LoadBoard::default().is_free(Some(0)));
+        assert!(matches!(LoadBoard::default().claim(Some(0)), Some(None)));
     }
 }

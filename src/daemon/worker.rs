@@ -631,6 +631,9 @@ impl Dispatcher {
     ) -> Option<Connection> {
         let group = &*self.group;
         let name = &group.spec.name;
+        // A request over a kept connection was claimed on the load board by its worker; the
+        // claim is given back once the request counts as busy (or is refused).
+        let claim = ReleaseClaim(self.load.filter(|_| !fresh));
         let payload = match conn.read_request() {
             Ok(payload) => payload,
             Err(WireError::Closed) if !fresh => return None,
@@ -675,6 +678,7 @@ impl Dispatcher {
         if let Some(slot) = self.load {
             slot.enter();
         }
+        drop(claim);
         let conn = python::serve(conn, &pairs[1..], group);
         if let Some(slot) = self.load {
             slot.leave();
@@ -686,6 +690,17 @@ impl Dispatcher {
             }
         }
         conn
+    }
+}
+
+/// Gives a load-board claim back when dropped.
+struct ReleaseClaim(Option<&'static LoadSlot>);
+
+impl Drop for ReleaseClaim {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0 {
+            slot.release_claim();
+        }
     }
 }
 

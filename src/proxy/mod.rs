@@ -143,11 +143,16 @@ pub fn forward(
     let pool = target.pool.filter(|p| p.serves(target.socket_path));
     let mut resends = 0;
     loop {
-        let (conn, reused) = match pool.and_then(|p| p.take(&target.load)) {
-            Some(idle) => (idle, true),
-            None => (open(target)?, false),
+        let (conn, claim) = match pool.and_then(|p| p.take(&target.load)) {
+            Some((idle, claim)) => (idle, Some(claim)),
+            None => (open(target)?, None),
         };
-        match exchange(target, conn, reused, environ, client)? {
+        let exchanged = exchange(target, conn, claim.is_some(), environ, client)?;
+        if let (Exchange::NotRead, Some(Some(slot))) = (&exchanged, claim) {
+            // The daemon never picked the request up: its place is free again.
+            slot.release_claim();
+        }
+        match exchanged {
             Exchange::Done(outcome, keep) => {
                 if let (Some(pool), Some(conn)) = (pool, keep) {
                     pool.put(conn);

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::load::LoadBoard;
+use crate::load::{LoadBoard, LoadSlot};
 
 use super::connect;
 
@@ -49,18 +49,26 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The most recently returned usable connection, if any. Connections found closed on the
-    /// way are dropped.
-    pub(super) fn take(&self, load: &LoadBoard) -> Option<Idle> {
+    /// The most recently returned usable connection, if any, with the claim made on its
+    /// process's thread (to give back if the request is not sent after all). Connections
+    /// found closed on the way are dropped.
+    pub(super) fn take(&self, load: &LoadBoard) -> Option<(Idle, Option<&'static LoadSlot>)> {
         loop {
-            let candidate = {
+            let (candidate, claim) = {
                 let mut idle = self.idle();
-                let position = idle.iter().rposition(|c| load.is_free(c.slot))?;
-                idle.remove(position)
+                let (position, claim) = idle
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .find_map(|(i, c)| load.claim(c.slot).map(|claim| (i, claim)))?;
+                (idle.remove(position), claim)
             };
             // Anything readable on an idle connection is a Goodbye or an EOF: it is done.
             if !connect::readable(&candidate.stream) {
-                return Some(candidate);
+                return Some((candidate, claim));
+            }
+            if let Some(slot) = claim {
+                slot.release_claim();
             }
         }
     }
@@ -89,7 +97,6 @@ impl Pool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::load::LoadSlot;
     use std::io::Write;
 
     fn board(busy: &[bool]) -> LoadBoard {
@@ -120,9 +127,16 @@ mod tests {
         let (b, _pb) = conn(Some(1));
         pool.put(a);
         pool.put(b);
-        let got = pool.take(&load).unwrap();
+        let (got, claim) = pool.take(&load).unwrap();
         assert_eq!(got.slot, Some(0), "slot 1 is busy: skipped");
-        assert!(pool.take(&load).is_none());
+        assert!(
+            claim.is_some_and(|slot| !slot.has_free_thread()),
+            "slot 0 is claimed"
+        );
+        assert!(
+            pool.take(&load).is_none(),
+            "slot 0 has no thread left to promise"
+        );
         assert_eq!(pool.len(), 1);
     }
 
@@ -157,8 +171,8 @@ mod tests {
             .collect();
         assert_eq!(pool.len(), 2);
         let load = LoadBoard::default();
-        assert_eq!(pool.take(&load).unwrap().slot, Some(2));
-        assert_eq!(pool.take(&load).unwrap().slot, Some(1));
+        assert_eq!(pool.take(&load).unwrap().0.slot, Some(2));
+        assert_eq!(pool.take(&load).unwrap().0.slot, Some(1));
         drop(peers);
     }
 }

@@ -183,14 +183,44 @@ pub fn serve(
     let info = request_info(pairs);
     conn.set_content_length(info.content_length);
     let shared = SharedConnection::new(conn);
-    Python::attach(|py| run(py, &shared, pairs, &info, &group.spec.name));
-    let conn = shared.take()?;
+    let finish = Python::attach(|py| run(py, &shared, pairs, &info, &group.spec.name));
+    let mut conn = shared.take()?;
+    // The last write happens after the GIL is given up: taking it back just to return would
+    // make every request queue for it once more behind the other threads.
+    let sent = match finish {
+        Finish::End => conn.flush_headers().and_then(|_| conn.send_end()),
+        Finish::Fail(status) => conn.send_fail(status),
+        Finish::Cut => return None,
+    };
+    if let Err(err) = sent {
+        if conn.peer_gone() {
+            wsgi_log!(
+                Level::Info,
+                "WSGIRS0507: [{}] The client closed the connection before the response from \
+                 '{}' was complete; the application's close() was called.",
+                group.spec.name,
+                info.script
+            );
+        } else {
+            wsgi_log!(
+                Level::Error,
+                "WSGIRS0506: [{}] The response from '{}' could not be sent to Apache: {err}",
+                group.spec.name,
+                info.script
+            );
+        }
+    }
     conn.reusable().then_some(conn)
 }
 
-fn send_fail(py: Python<'_>, conn: &SharedConnection, status: u16) {
-    let conn = conn.clone();
-    let _ = py.detach(move || conn.with(|c| c.send_fail(status)));
+/// How a request ends once Python is done with it.
+enum Finish {
+    /// Send what is queued, then End.
+    End,
+    /// Ask the worker for its own error page (nothing was sent yet).
+    Fail(u16),
+    /// Drop the connection: the response was cut (or the worker is gone).
+    Cut,
 }
 
 fn run(
@@ -199,7 +229,7 @@ fn run(
     pairs: &[(&[u8], &[u8])],
     info: &RequestInfo,
     group: &str,
-) {
+) -> Finish {
     let app = match load_app(py, info, group) {
         Ok(app) => app,
         Err(LoadError::NoCallable) => {
@@ -209,7 +239,7 @@ fn run(
                 info.script,
                 info.callable
             );
-            return send_fail(py, conn, 500);
+            return Finish::Fail(500);
         }
         Err(LoadError::Read(cause)) => {
             wsgi_log!(
@@ -218,7 +248,7 @@ fn run(
                 info.script,
                 nix::unistd::getuid()
             );
-            return send_fail(py, conn, 500);
+            return Finish::Fail(500);
         }
         Err(LoadError::Exec(err)) => {
             log_exception(
@@ -230,35 +260,41 @@ fn run(
                 ),
                 &err,
             );
-            return send_fail(py, conn, 500);
+            return Finish::Fail(500);
         }
     };
     let outcome = call_app(py, conn, pairs, &app, group);
     let peer_gone = conn.with(|c| Ok(c.peer_gone())).unwrap_or(true);
-    if outcome.is_err() && peer_gone {
-        // Not the application's fault: the client went away and Apache hung up.
-        wsgi_log!(
-            Level::Info,
-            "WSGIRS0507: [{group}] The client closed the connection before the response from \
-             '{}' was complete; the application's close() was called.",
-            info.script
-        );
-    } else if let Err(err) = outcome {
-        log_exception(
-            py,
-            group,
-            &format!(
-                "WSGIRS0506: Exception occurred processing WSGI script '{}'.",
+    match outcome {
+        Ok(()) => Finish::End,
+        Err(_) if peer_gone => {
+            // Not the application's fault: the client went away and Apache hung up.
+            wsgi_log!(
+                Level::Info,
+                "WSGIRS0507: [{group}] The client closed the connection before the response \
+                 from '{}' was complete; the application's close() was called.",
                 info.script
-            ),
-            &err,
-        );
-        let sent = conn.with(|c| Ok(c.headers_sent())).unwrap_or(true);
-        if !sent {
-            send_fail(py, conn, 500);
+            );
+            Finish::Cut
         }
-        // After headers, dropping the connection without End tells the worker to cut the
-        // client's response short rather than make it look complete.
+        Err(err) => {
+            log_exception(
+                py,
+                group,
+                &format!(
+                    "WSGIRS0506: Exception occurred processing WSGI script '{}'.",
+                    info.script
+                ),
+                &err,
+            );
+            // After headers, dropping the connection without End tells the worker to cut the
+            // client's response short rather than make it look complete.
+            if conn.with(|c| Ok(c.headers_sent())).unwrap_or(true) {
+                Finish::Cut
+            } else {
+                Finish::Fail(500)
+            }
+        }
     }
 }
 
@@ -290,18 +326,15 @@ fn call_app(
     };
     iterated?;
     closed?;
-    let conn = conn.clone();
-    py.detach(move || {
-        conn.with(|c| {
-            if !c.flush_headers()? {
-                return Err(std::io::Error::other(
-                    "the application returned without calling start_response()",
-                ));
-            }
-            c.send_end()
-        })
-    })
-    .map_err(io_to_py)
+    let started = conn
+        .with(|c| Ok(c.headers_sent() || c.has_pending_headers()))
+        .unwrap_or(false);
+    if !started {
+        return Err(PyRuntimeError::new_err(
+            "the application returned without calling start_response()",
+        ));
+    }
+    Ok(())
 }
 
 fn io_to_py(err: std::io::Error) -> PyErr {
