@@ -19,7 +19,7 @@ use super::input::{Input, SharedConnection};
 use crate::daemon::connection::Connection;
 use crate::daemon::GroupRuntime;
 use crate::logging::Level;
-use crate::wire;
+use crate::wire::{self, Kind};
 use crate::wsgi_log;
 
 static FACTS: OnceLock<DaemonFacts> = OnceLock::new();
@@ -172,18 +172,28 @@ fn load_app<'py>(
         .map_err(|_| LoadError::NoCallable)
 }
 
-/// Runs one request; every failure is logged here and turned into a Fail frame or a dropped
-/// connection, so nothing escapes to the accept loop. Gives the connection back when the
-/// response ended cleanly and nothing else (a `wsgi.input` the app kept) still holds it.
-pub fn serve(
-    mut conn: Connection,
-    pairs: &[(&[u8], &[u8])],
+/// Takes the GIL, then the request `pick` hands over (the worker layer gives the one that has
+/// waited longest, whichever thread read it), and runs it; every failure is logged here and
+/// turned into a Fail frame or a dropped connection, so nothing escapes to the accept loop.
+/// Gives the connection back when the response ended cleanly and nothing else (a
+/// `wsgi.input` the app kept) still holds it. `pick` gets the request's environ payload, as
+/// read and checked (its first pair is the origin secret).
+pub fn serve_next(
+    pick: impl FnOnce() -> Option<(Connection, Vec<u8>)>,
     group: &GroupRuntime,
 ) -> Option<Connection> {
-    let info = request_info(pairs);
-    conn.set_content_length(info.content_length);
-    let shared = SharedConnection::new(conn);
-    let finish = Python::attach(|py| run(py, &shared, pairs, &info, &group.spec.name));
+    let (shared, finish, script) = Python::attach(|py| {
+        let (mut conn, payload) = pick()?;
+        let pairs: Vec<(&[u8], &[u8])> = wire::pairs(Kind::Request, &payload)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let pairs = pairs.get(1..).unwrap_or_default();
+        let info = request_info(pairs);
+        conn.set_content_length(info.content_length);
+        let shared = SharedConnection::new(conn);
+        let finish = run(py, &shared, pairs, &info, &group.spec.name);
+        Some((shared, finish, info.script))
+    })?;
     let mut conn = shared.take()?;
     // The last write happens after the GIL is given up: taking it back just to return would
     // make every request queue for it once more behind the other threads.
@@ -199,14 +209,14 @@ pub fn serve(
                 "WSGIRS0507: [{}] The client closed the connection before the response from \
                  '{}' was complete; the application's close() was called.",
                 group.spec.name,
-                info.script
+                script
             );
         } else {
             wsgi_log!(
                 Level::Error,
                 "WSGIRS0506: [{}] The response from '{}' could not be sent to Apache: {err}",
                 group.spec.name,
-                info.script
+                script
             );
         }
     }

@@ -84,12 +84,11 @@ pub fn preload(script: &str, group: &str) {
     app::preload(script, group);
 }
 
-/// Runs one validated request (its environ pairs, secret removed) to the end; returns the
-/// connection when it can carry another request.
-pub fn serve(
-    conn: Connection,
-    pairs: &[(&[u8], &[u8])],
+/// Takes the GIL, then runs the request `pick` hands over (a validated request's connection
+/// and environ payload) to the end; returns the connection when it can carry another request.
+pub fn serve_next(
+    pick: impl FnOnce() -> Option<(Connection, Vec<u8>)>,
     group: &GroupRuntime,
 ) -> Option<Connection> {
-    app::serve(conn, pairs, group)
+    app::serve_next(pick, group)
 }
