@@ -13,6 +13,8 @@ use crate::wire::{self, Kind, WireError};
 
 /// How much body one pull asks the worker for, at least.
 const PULL_SIZE: usize = 64 * 1024;
+/// How much body is asked for ahead of the app's next read (see `Connection::read_ahead`).
+const READ_AHEAD: u64 = 256 * 1024;
 /// The read buffer: a Request frame (the environ) usually fits; big Body frames bypass it.
 const READ_BUFFER: usize = 16 * 1024;
 /// Buffers bigger than this are given back when a connection goes idle, so the idle
@@ -40,6 +42,8 @@ pub struct Connection {
     peer_gone: bool,
     /// The response ended with End or Fail, fully written: the connection may carry another.
     finished: bool,
+    /// A ReadBody was sent ahead of the app's next read and is not answered yet.
+    ahead: bool,
     /// This process's slot on the load board, sent with every End.
     slot: u32,
 }
@@ -58,6 +62,7 @@ impl Connection {
             pending_headers: None,
             peer_gone: false,
             finished: false,
+            ahead: false,
             slot,
         }
     }
@@ -72,6 +77,7 @@ impl Connection {
         self.headers_sent = false;
         self.pending_headers = None;
         self.finished = false;
+        self.ahead = false;
         let mut payload = Vec::new();
         match wire::read_frame(&mut self.reader, &mut payload, 0)? {
             Kind::Request => Ok(payload),
@@ -152,17 +158,71 @@ impl Connection {
         if self.body_done {
             return Ok(false);
         }
-        let mut ask = want.clamp(PULL_SIZE, wire::MAX_CHUNK);
-        if let Some(left) = self.body_left {
-            ask = ask.min(usize::try_from(left).unwrap_or(usize::MAX));
+        if !self.ahead {
+            let mut ask = want.clamp(PULL_SIZE, wire::MAX_CHUNK);
+            if let Some(left) = self.body_left {
+                ask = ask.min(usize::try_from(left).unwrap_or(usize::MAX));
+            }
+            // Asking for more than the app wants (the PULL_SIZE floor) is fine, waiting for it
+            // is not.
+            let fill = exact && ask <= want;
+            self.send_frame(
+                Kind::ReadBody,
+                &wire::encode_read_body(ask as u32, fill),
+                true,
+            )?;
         }
-        // Asking for more than the app wants (the PULL_SIZE floor) is fine, waiting for it is not.
-        let fill = exact && ask <= want;
-        self.send_frame(
-            Kind::ReadBody,
-            &wire::encode_read_body(ask as u32, fill),
-            true,
-        )?;
+        self.ahead = false;
+        let filled = self.receive_body()?;
+        if filled {
+            self.read_ahead()?;
+        }
+        Ok(filled)
+    }
+
+    /// While the app has not started its response and the client still owes bytes of its
+    /// Content-Length, asks for the next piece at once: the worker reads it from the client
+    /// while the app works on this one, instead of the two taking turns. (Never for a chunked
+    /// body, whose client may wait for an answer before it sends more, nor once the response
+    /// has begun, which must not wait behind a client read.) At most one piece is ahead.
+    fn read_ahead(&mut self) -> io::Result<()> {
+        let Some(left) = self.body_left else {
+            return Ok(());
+        };
+        if left == 0
+            || self.body_done
+            || self.headers_sent
+            || self.pending_headers.is_some()
+            || !self.out.is_empty()
+        {
+            return Ok(());
+        }
+        let ask = left.min(READ_AHEAD) as u32;
+        self.send_frame(Kind::ReadBody, &wire::encode_read_body(ask, true), true)?;
+        self.ahead = true;
+        Ok(())
+    }
+
+    /// Reads the answer to a piece asked for ahead that the app never read, so the
+    /// connection is clean for its next request.
+    fn settle(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.ahead) {
+            let mut discard = std::mem::take(&mut self.frame);
+            let read = wire::read_frame(&mut self.reader, &mut discard, 0);
+            self.frame = discard;
+            match read {
+                Ok(Kind::Body | Kind::BodyEnd) => {}
+                Ok(_) => return Err(io::Error::other("expected a Body frame")),
+                Err(WireError::Io(e)) => return Err(e),
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the worker's answer to a ReadBody into the input buffer; false at the end of the
+    /// body.
+    fn receive_body(&mut self) -> Result<bool, WireError> {
         match wire::read_frame(&mut self.reader, &mut self.frame, 0)? {
             Kind::Body if !self.frame.is_empty() => {
                 let mut got = self.frame.len();
@@ -300,8 +360,36 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends every chunk of a complete response body (a list the app returned) in as few
+    /// writes as the kernel allows, with whatever was queued before them.
+    pub fn send_data_all(&mut self, chunks: &[&[u8]]) -> io::Result<()> {
+        let pieces: Vec<&[u8]> = chunks
+            .iter()
+            .flat_map(|chunk| chunk.chunks(wire::MAX_CHUNK))
+            .filter(|piece| !piece.is_empty())
+            .collect();
+        let headers = pieces
+            .iter()
+            .map(|piece| wire::frame_header(Kind::Data, piece.len()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(1 + 2 * pieces.len());
+        let out = std::mem::take(&mut self.out);
+        slices.push(&out);
+        for (header, piece) in headers.iter().zip(&pieces) {
+            slices.push(header);
+            slices.push(piece);
+        }
+        let result = write_all_slices(self.reader.get_ref(), &slices);
+        drop(slices);
+        let mut out = out;
+        out.clear();
+        self.out = out;
+        self.note_write(result)
+    }
+
     pub fn send_end(&mut self) -> io::Result<()> {
         self.send_frame(Kind::End, &wire::encode_u32(self.slot), true)?;
+        self.settle()?;
         self.finished = true;
         Ok(())
     }
@@ -309,6 +397,7 @@ impl Connection {
     /// Asks the worker to answer with `status` itself (only before headers were sent).
     pub fn send_fail(&mut self, status: u16) -> io::Result<()> {
         self.send_frame(Kind::Fail, &status.to_le_bytes(), true)?;
+        self.settle()?;
         self.finished = !self.headers_sent;
         Ok(())
     }
@@ -342,22 +431,27 @@ impl Connection {
 
 /// Writes every slice, in order, with as few writev calls as the kernel allows.
 fn write_all_slices(mut stream: &UnixStream, slices: &[&[u8]]) -> io::Result<()> {
+    /// Linux takes at most 1024 slices per writev.
+    const MAX_SLICES: usize = 1024;
     let mut slices: Vec<&[u8]> = slices.iter().copied().filter(|s| !s.is_empty()).collect();
-    while !slices.is_empty() {
-        let io: Vec<IoSlice<'_>> = slices.iter().map(|s| IoSlice::new(s)).collect();
+    let mut first = 0;
+    while first < slices.len() {
+        let end = slices.len().min(first + MAX_SLICES);
+        let io: Vec<IoSlice<'_>> = slices[first..end].iter().map(|s| IoSlice::new(s)).collect();
         let mut written = match stream.write_vectored(&io) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        while let Some(first) = slices.first_mut() {
-            if written < first.len() {
-                *first = &first[written..];
+        while first < slices.len() {
+            let len = slices[first].len();
+            if written < len {
+                slices[first] = &slices[first][written..];
                 break;
             }
-            written -= first.len();
-            slices.remove(0);
+            written -= len;
+            first += 1;
         }
     }
     Ok(())

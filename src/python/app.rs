@@ -364,36 +364,77 @@ fn send_iterable(
     // A generator's chunks leave as they are produced (a streamed response must not wait).
     let batched =
         result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>();
+    if batched {
+        let items = result
+            .try_iter()?
+            .map(|item| as_bytes(item?))
+            .collect::<PyResult<Vec<_>>>()?;
+        return send_all(py, conn, &items);
+    }
     for item in result.try_iter()? {
-        let item = item?;
-        let bytes = item.cast::<PyBytes>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "sequence of byte string values expected, value of type {} found",
-                item.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ))
-        })?;
-        send_bytes(py, conn, bytes.as_bytes(), !batched)?;
+        let bytes = as_bytes(item?)?;
+        send_bytes(py, conn, bytes.as_bytes(), true)?;
     }
     Ok(())
 }
 
-fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8], flush: bool) -> PyResult<()> {
-    if !flush {
-        // Queuing is a memory copy: no need to release the GIL for it.
-        let queued = conn
-            .with(|c| {
-                if !c.headers_sent() {
-                    c.queue_headers();
-                }
-                Ok(c.headers_sent() && (data.is_empty() || c.try_queue_data(data)))
-            })
-            .map_err(io_to_py)?;
-        if queued {
-            return Ok(());
+fn as_bytes(item: Bound<'_, PyAny>) -> PyResult<Bound<'_, PyBytes>> {
+    item.cast_into::<PyBytes>().map_err(|err| {
+        PyTypeError::new_err(format!(
+            "sequence of byte string values expected, value of type {} found",
+            err.into_inner()
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })
+}
+
+/// A complete body (a list or tuple): small chunks are queued without I/O and leave with the
+/// End frame; the rest leave together in one write with the GIL released once, rather than
+/// once per chunk.
+fn send_all(py: Python<'_>, conn: &SharedConnection, items: &[Bound<'_, PyBytes>]) -> PyResult<()> {
+    let mut queued = 0;
+    for item in items {
+        if !queue_bytes(conn, item.as_bytes())? {
+            break;
         }
+        queued += 1;
+    }
+    let rest: Vec<&[u8]> = items[queued..].iter().map(|b| b.as_bytes()).collect();
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let conn = conn.clone();
+    py.detach(move || {
+        conn.with(|c| {
+            if !c.flush_headers()? {
+                return Err(std::io::Error::other(
+                    "response body was produced before start_response() was called",
+                ));
+            }
+            c.send_data_all(&rest)
+        })
+    })
+    .map_err(io_to_py)
+}
+
+/// Queues body bytes (and the headers before them) if they fit, without any I/O.
+fn queue_bytes(conn: &SharedConnection, data: &[u8]) -> PyResult<bool> {
+    conn.with(|c| {
+        if !c.headers_sent() {
+            c.queue_headers();
+        }
+        Ok(c.headers_sent() && (data.is_empty() || c.try_queue_data(data)))
+    })
+    .map_err(io_to_py)
+}
+
+fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8], flush: bool) -> PyResult<()> {
+    // Queuing is a memory copy: no need to release the GIL for it.
+    if !flush && queue_bytes(conn, data)? {
+        return Ok(());
     }
     let conn = conn.clone();
     py.detach(move || {
