@@ -137,6 +137,14 @@ pub fn read_frame(
     payload: &mut Vec<u8>,
     header_cap: usize,
 ) -> Result<Kind, WireError> {
+    let (kind, len) = read_frame_header(r, header_cap)?;
+    read_payload(r, len, payload)?;
+    Ok(kind)
+}
+
+/// Reads a frame header, checked against its kind's cap: the kind and the payload length,
+/// which the caller then reads (all at once with `read_payload`, or piece by piece).
+pub fn read_frame_header(r: &mut impl Read, header_cap: usize) -> Result<(Kind, usize), WireError> {
     let mut header = [0u8; HEADER_LEN];
     read_exact_or_closed(r, &mut header)?;
     let kind = Kind::from_byte(header[0]).ok_or(WireError::UnknownKind(header[0]))?;
@@ -147,6 +155,12 @@ pub fn read_frame(
     if len > cap {
         return Err(WireError::Oversized { kind, len, cap });
     }
+    Ok((kind, len))
+}
+
+/// Reads `len` payload bytes into `payload` (reusing its allocation); a stream that ends
+/// first is a cut frame.
+pub fn read_payload(r: &mut impl Read, len: usize, payload: &mut Vec<u8>) -> Result<(), WireError> {
     payload.clear();
     // reserve_exact first: a reused buffer must not grow past the cap by doubling. Reading
     // through take() fills the spare capacity directly, without zeroing it first.
@@ -155,7 +169,7 @@ pub fn read_frame(
     if got < len {
         return Err(WireError::Truncated);
     }
-    Ok(kind)
+    Ok(())
 }
 
 /// Like read_exact, but an EOF before the first byte is a clean close.
@@ -270,15 +284,40 @@ pub fn decode_headers(payload: &[u8]) -> Result<(&[u8], HeaderPairs<'_>), WireEr
 /// `wsgi.input.read(n)` needs n bytes anyway, and one answer instead of many round trips is
 /// what makes uploads fast. Asks never come near it (MAX_CHUNK is far below).
 const FILL: u32 = 1 << 31;
+/// In a ReadBody payload with FILL: the body is known (Content-Length) to hold at least the
+/// bytes asked for, so the worker may announce the whole Body frame at once and stream it from
+/// the client piece by piece, with a small buffer (a body cut short is an error then).
+const KNOWN: u32 = 1 << 30;
 
-/// A ReadBody payload: how many bytes the daemon wants at most, and whether it wants them all.
-pub fn encode_read_body(max: u32, fill: bool) -> [u8; 4] {
-    (max & !FILL | if fill { FILL } else { 0 }).to_le_bytes()
+/// What the daemon asks for in a ReadBody frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyAsk {
+    /// At most this many bytes.
+    pub max: u32,
+    /// All of them (or up to the end of the body), not just what one client read gives.
+    pub fill: bool,
+    /// The body certainly has `max` more bytes (implies `fill`).
+    pub known: bool,
 }
 
-pub fn decode_read_body(payload: &[u8]) -> Result<(u32, bool), WireError> {
+pub fn encode_read_body(ask: BodyAsk) -> [u8; 4] {
+    let mut raw = ask.max & !(FILL | KNOWN);
+    if ask.fill || ask.known {
+        raw |= FILL;
+    }
+    if ask.known {
+        raw |= KNOWN;
+    }
+    raw.to_le_bytes()
+}
+
+pub fn decode_read_body(payload: &[u8]) -> Result<BodyAsk, WireError> {
     let raw = decode_u32(Kind::ReadBody, payload)?;
-    Ok((raw & !FILL, raw & FILL != 0))
+    Ok(BodyAsk {
+        max: raw & !(FILL | KNOWN),
+        fill: raw & FILL != 0,
+        known: raw & FILL != 0 && raw & KNOWN != 0,
+    })
 }
 
 /// A 4-byte little-endian number (an End frame's slot).
@@ -475,14 +514,25 @@ mod tests {
             65536
         );
         assert!(decode_u32(Kind::ReadBody, &[1, 2]).is_err());
-        assert_eq!(
-            decode_read_body(&encode_read_body(65536, true)).unwrap(),
-            (65536, true)
-        );
-        assert_eq!(
-            decode_read_body(&encode_read_body(7, false)).unwrap(),
-            (7, false)
-        );
+        for ask in [
+            BodyAsk {
+                max: 65536,
+                fill: true,
+                known: false,
+            },
+            BodyAsk {
+                max: 7,
+                fill: false,
+                known: false,
+            },
+            BodyAsk {
+                max: 1 << 20,
+                fill: true,
+                known: true,
+            },
+        ] {
+            assert_eq!(decode_read_body(&encode_read_body(ask)).unwrap(), ask);
+        }
         assert_eq!(decode_status(&500u16.to_le_bytes()).unwrap(), 500);
         assert!(decode_status(&42u16.to_le_bytes()).is_err());
         assert!(decode_status(&[1]).is_err());

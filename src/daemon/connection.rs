@@ -166,11 +166,12 @@ impl Connection {
             // Asking for more than the app wants (the PULL_SIZE floor) is fine, waiting for it
             // is not.
             let fill = exact && ask <= want;
-            self.send_frame(
-                Kind::ReadBody,
-                &wire::encode_read_body(ask as u32, fill),
-                true,
-            )?;
+            let ask = wire::BodyAsk {
+                max: ask as u32,
+                fill,
+                known: fill && self.body_left.is_some(),
+            };
+            self.send_frame(Kind::ReadBody, &wire::encode_read_body(ask), true)?;
         }
         self.ahead = false;
         let filled = self.receive_body()?;
@@ -198,7 +199,12 @@ impl Connection {
             return Ok(());
         }
         let ask = left.min(READ_AHEAD) as u32;
-        self.send_frame(Kind::ReadBody, &wire::encode_read_body(ask, true), true)?;
+        let ask = wire::BodyAsk {
+            max: ask,
+            fill: true,
+            known: true,
+        };
+        self.send_frame(Kind::ReadBody, &wire::encode_read_body(ask), true)?;
         self.ahead = true;
         Ok(())
     }
@@ -476,8 +482,7 @@ mod tests {
             while let Ok(kind) = wire::read_frame(&mut stream, &mut frame, 1 << 20) {
                 assert_eq!(kind, Kind::ReadBody);
                 pulls += 1;
-                let (ask, _) = wire::decode_read_body(&frame).unwrap();
-                let ask = ask as usize;
+                let ask = wire::decode_read_body(&frame).unwrap().max as usize;
                 let n = ask.min(piece).min(body.len() - sent);
                 if n == 0 {
                     wire::write_frame(&mut stream, Kind::BodyEnd, b"").unwrap();

@@ -1,7 +1,9 @@
 //! The daemon process: after the fork it blocks Apache's signals, waits out any restart
 //! back-off, drops root (checked), moves to its home, starts Python, and serves the group's
-//! socket with `threads` threads until it is told to stop. Each thread accepts without the
-//! GIL and attaches to Python only to run the application.
+//! socket with `threads` threads until it is told to stop. Threads wait for work without the
+//! GIL (new connections and requests on kept ones come from one epoll set, see `Dispatcher`),
+//! read and check each request without it, and attach to Python only to run the application,
+//! oldest request first.
 
 #![forbid(unsafe_code)]
 

@@ -29,7 +29,7 @@ mod pool;
 pub use error::{ProxyError, TruncatedWhy};
 pub use pool::Pool;
 
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -42,6 +42,14 @@ use crate::wsgi_log;
 use connect::Sender;
 use error::escape;
 use pool::Idle;
+
+/// The most response body read from the daemon before it goes to the client (a bigger Data
+/// frame is relayed in pieces).
+const DATA_PIECE: usize = 64 * 1024;
+
+/// The most request body one Body frame carries: what the daemon asks for beyond it comes in
+/// further answers.
+const BODY_PIECE: usize = 64 * 1024;
 
 /// The read buffer on the daemon socket: frame headers and small frames come out of it
 /// without a syscall each; big payloads are read straight into the frame buffer.
@@ -278,28 +286,23 @@ impl Relay<'_, '_> {
             if self.unflushed && !self.daemon_has_more() {
                 self.flush(client)?;
             }
-            let kind = match wire::read_frame(
-                &mut self.reader,
-                &mut self.payload,
-                self.target.header_cap(),
-            ) {
-                Ok(kind) => kind,
-                Err(e) => return Err(self.read_failed(e)),
-            };
+            let (kind, len) =
+                match wire::read_frame_header(&mut self.reader, self.target.header_cap()) {
+                    Ok(header) => header,
+                    Err(e) => return Err(self.read_failed(e)),
+                };
             let first = !std::mem::replace(&mut self.answered, true);
+            if kind == Kind::Data && self.headers_sent {
+                self.relay_data(client, len)?;
+                continue;
+            }
+            if let Err(e) = wire::read_payload(&mut self.reader, len, &mut self.payload) {
+                return Err(self.read_failed(e));
+            }
             match kind {
                 Kind::Goodbye if first => return Ok(None),
                 Kind::ReadBody => self.pull_body(client)?,
                 Kind::Headers if !self.headers_sent => self.relay_headers(client)?,
-                Kind::Data if self.headers_sent => {
-                    let allowed = self.allowed_len();
-                    if allowed > 0 {
-                        client
-                            .write_body(&self.payload[..allowed])
-                            .map_err(|e| self.client_gone(&e, "sending the response"))?;
-                        self.unflushed = true;
-                    }
-                }
                 Kind::End if self.headers_sent => {
                     if let Some(left @ 1..) = self.body_left {
                         return Err(self.broken(format!(
@@ -353,40 +356,30 @@ impl Relay<'_, '_> {
     /// Answers one ReadBody with a Body frame (never more than asked, nor more than
     /// `wire::MAX_CHUNK`), or BodyEnd at the end of the body. The Body holds what one client
     /// read gave, or, when the daemon asked for all of it (`fill`), everything asked for up to
-    /// the end of the body.
+    /// the end of the body. Either way at most one BODY_PIECE buffer is used: a piece the
+    /// Content-Length guarantees (`known`) is announced whole and streamed through it.
     fn pull_body(&mut self, client: &mut impl Client) -> Result<(), ProxyError> {
-        let (asked, fill) = match wire::decode_read_body(&self.payload) {
-            Ok(asked) => asked,
+        let ask = match wire::decode_read_body(&self.payload) {
+            Ok(ask) => ask,
             Err(e) => return Err(self.protocol(e.to_string())),
         };
         if self.unflushed {
             // The client read may block: let the client see what it has been sent so far.
             self.flush(client)?;
         }
-        let want = usize::try_from(asked)
+        let max = usize::try_from(ask.max)
             .unwrap_or(usize::MAX)
             .min(wire::MAX_CHUNK);
-        let mut got = 0;
-        if !self.body_done && want > 0 {
-            // Sized once per request (zeroing it for every pull would cost a memset each).
-            if self.body.len() < want {
-                self.body.resize(want, 0);
-            }
-            while got < want {
-                match client.read_body(&mut self.body[got..want]) {
-                    Ok(0) => {
-                        self.body_done = true;
-                        break;
-                    }
-                    Ok(n) => got += n.min(want - got),
-                    Err(e) => return Err(self.client_read_failed(e)),
-                }
-                if !fill {
-                    break;
-                }
-            }
+        if ask.known && !self.body_done && max > 0 {
+            return self.stream_body(client, max);
         }
-        // Asked for nothing: answer with nothing, without touching the client.
+        let want = max.min(BODY_PIECE);
+        let got = if self.body_done || want == 0 {
+            // Asked for nothing: answer with nothing, without touching the client.
+            0
+        } else {
+            self.read_client(client, want, ask.fill)?
+        };
         let kind = if got == 0 && self.body_done {
             Kind::BodyEnd
         } else {
@@ -394,6 +387,63 @@ impl Relay<'_, '_> {
         };
         wire::write_frame(&mut Sender(self.stream), kind, &self.body[..got])
             .map_err(|e| self.write_failed(e, "sending the request body"))
+    }
+
+    /// Reads up to `want` (at most BODY_PIECE) bytes of the client's body into `body`: what one
+    /// read gives, or with `fill` as many as the body still has.
+    fn read_client(
+        &mut self,
+        client: &mut impl Client,
+        want: usize,
+        fill: bool,
+    ) -> Result<usize, ProxyError> {
+        // Sized once per request (zeroing it for every pull would cost a memset each).
+        if self.body.len() < want {
+            self.body.resize(want, 0);
+        }
+        let mut got = 0;
+        while got < want {
+            match client.read_body(&mut self.body[got..want]) {
+                Ok(0) => {
+                    self.body_done = true;
+                    break;
+                }
+                Ok(n) => got += n.min(want - got),
+                Err(e) => return Err(self.client_read_failed(e)),
+            }
+            if !fill {
+                break;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Sends a Body frame of exactly `len` bytes, which the Content-Length guarantees: the
+    /// header first, then the body in BODY_PIECE writes as the client delivers it. A body cut
+    /// short (the client went away) fails the request, as it would anyway.
+    fn stream_body(&mut self, client: &mut impl Client, len: usize) -> Result<(), ProxyError> {
+        let header = match wire::frame_header(Kind::Body, len) {
+            Ok(header) => header,
+            Err(e) => return Err(self.protocol(e.to_string())),
+        };
+        Sender(self.stream)
+            .write_all(&header)
+            .map_err(|e| self.write_failed(e, "sending the request body"))?;
+        let mut sent = 0;
+        while sent < len {
+            let got = self.read_client(client, (len - sent).min(BODY_PIECE), true)?;
+            if got == 0 {
+                return Err(self.client_read_failed(ClientError::Read(format!(
+                    "the request body ended {} bytes before its Content-Length",
+                    len - sent
+                ))));
+            }
+            Sender(self.stream)
+                .write_all(&self.body[..got])
+                .map_err(|e| self.write_failed(e, "sending the request body"))?;
+            sent += got;
+        }
+        Ok(())
     }
 
     /// Decodes and checks the Headers frame, then hands status and headers to the client.
@@ -439,9 +489,29 @@ impl Relay<'_, '_> {
         Ok(())
     }
 
-    /// How much of the Data frame in `payload` may go to the client under Content-Length.
-    fn allowed_len(&mut self) -> usize {
-        let len = self.payload.len();
+    /// How much of `len` more body bytes may go to the client under Content-Length.
+    /// Relays a Data frame of `len` bytes to the client in DATA_PIECE pieces, as they arrive,
+    /// so an Apache thread never holds more than one piece of the response.
+    fn relay_data(&mut self, client: &mut impl Client, len: usize) -> Result<(), ProxyError> {
+        let mut left = len;
+        while left > 0 {
+            let piece = left.min(DATA_PIECE);
+            if let Err(e) = wire::read_payload(&mut self.reader, piece, &mut self.payload) {
+                return Err(self.read_failed(e));
+            }
+            left -= piece;
+            let allowed = self.allowed_len(piece);
+            if allowed > 0 {
+                client
+                    .write_body(&self.payload[..allowed])
+                    .map_err(|e| self.client_gone(&e, "sending the response"))?;
+                self.unflushed = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn allowed_len(&mut self, len: usize) -> usize {
         let Some(left) = self.body_left.as_mut() else {
             return len;
         };
