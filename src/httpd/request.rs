@@ -3,7 +3,6 @@
 //! the request to `proxy::forward`, with `ApacheClient` as its view of the client.
 
 use std::ffi::{c_char, c_int, c_long};
-use std::ptr;
 use std::sync::OnceLock;
 
 use super::ffi;
@@ -253,9 +252,9 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             pool: pool_for(group),
             load: group.load,
         };
-        let mut client = ApacheClient::new(r);
+        let mut client = ApacheClient { r, redirect: None };
         match proxy::forward(&target, &environ, &mut client) {
-            Ok(Outcome::Completed) => match client.redirect.take() {
+            Ok(Outcome::Completed) => match client.redirect {
                 Some(location) => internal_redirect(r, &location),
                 None => ffi::OK as c_int,
             },
@@ -446,52 +445,6 @@ struct ApacheClient {
     /// A 200 response with a local `Location: /path`: as mod_cgi, Apache serves that path
     /// instead (an internal redirect), and the app's own body is discarded.
     redirect: Option<Vec<u8>>,
-    /// The malloc'd buffer handed out by `buffer`, until `send_buffer` gives it to a bucket.
-    out: *mut u8,
-    out_len: usize,
-    /// The brigade response body buckets are passed down in (created on first use).
-    brigade: *mut ffi::apr_bucket_brigade,
-}
-
-impl ApacheClient {
-    fn new(r: *mut ffi::request_rec) -> ApacheClient {
-        ApacheClient {
-            r,
-            redirect: None,
-            out: ptr::null_mut(),
-            out_len: 0,
-            brigade: ptr::null_mut(),
-        }
-    }
-}
-
-impl Drop for ApacheClient {
-    fn drop(&mut self) {
-        if !self.out.is_null() {
-            // SAFETY: our own malloc'd buffer, not handed to any bucket.
-            unsafe { libc::free(self.out.cast()) };
-        }
-    }
-}
-
-/// APR_BRIGADE_INSERT_TAIL, which APR has only as a macro: links bucket `e` in as the last of
-/// brigade `bb`'s ring, whose sentinel is the brigade's list head.
-///
-/// # Safety
-/// Live brigade; `e` a fresh bucket in no ring.
-unsafe fn brigade_insert_tail(bb: *mut ffi::apr_bucket_brigade, e: *mut ffi::apr_bucket) {
-    // The ring links are the first field of a bucket, so the list head, seen as a bucket,
-    // is the sentinel (APR_RING_SENTINEL).
-    const _: () = assert!(std::mem::offset_of!(ffi::apr_bucket, link) == 0);
-    // SAFETY: per the caller; the same four stores as APR_RING_SPLICE_BEFORE(sentinel, e, e).
-    unsafe {
-        let sentinel = (&raw mut (*bb).list).cast::<ffi::apr_bucket>();
-        let last = (*bb).list.prev;
-        (*e).link.next = sentinel;
-        (*e).link.prev = last;
-        (*last).link.next = e;
-        (*bb).list.prev = e;
-    }
 }
 
 /// mod_cgi's local redirect: the request becomes a GET for `location`.
@@ -574,60 +527,6 @@ impl Client for ApacheClient {
             Err(ClientError::Gone("the client closed the connection".into()))
         } else {
             Ok(())
-        }
-    }
-
-    fn buffer(&mut self, len: usize) -> Option<&mut [u8]> {
-        if self.redirect.is_some() || len == 0 {
-            return None;
-        }
-        if self.out.is_null() || self.out_len < len {
-            if !self.out.is_null() {
-                // SAFETY: our own malloc'd buffer, not handed to any bucket.
-                unsafe { libc::free(self.out.cast()) };
-            }
-            // SAFETY: plain allocation; checked below.
-            self.out = unsafe { libc::malloc(len) }.cast();
-            self.out_len = if self.out.is_null() { 0 } else { len };
-        }
-        if self.out.is_null() {
-            return None;
-        }
-        // SAFETY: malloc'd for at least len bytes and owned by us until send_buffer.
-        Some(unsafe { std::slice::from_raw_parts_mut(self.out, len) })
-    }
-
-    fn send_buffer(&mut self, len: usize) -> Result<(), ClientError> {
-        let gone = || ClientError::Gone("the client closed the connection".into());
-        if self.out.is_null() || len > self.out_len {
-            return Err(gone());
-        }
-        let data = std::mem::replace(&mut self.out, ptr::null_mut());
-        self.out_len = 0;
-        // SAFETY: live request and connection; the heap bucket takes ownership of the
-        // malloc'd buffer and frees it with free() once the data is written, so the core
-        // output filter never has to copy it to set it aside.
-        let status = unsafe {
-            let c = (*self.r).connection;
-            let list = (*c).bucket_alloc;
-            if self.brigade.is_null() {
-                self.brigade = ffi::apr_brigade_create((*self.r).pool, list);
-            }
-            let bucket =
-                ffi::apr_bucket_heap_create(data.cast::<c_char>(), len, Some(libc::free), list);
-            if bucket.is_null() {
-                libc::free(data.cast());
-                return Err(gone());
-            }
-            brigade_insert_tail(self.brigade, bucket);
-            let status = ffi::ap_pass_brigade((*self.r).output_filters, self.brigade);
-            ffi::apr_brigade_cleanup(self.brigade.cast());
-            status
-        };
-        if status == ffi::APR_SUCCESS as ffi::apr_status_t {
-            Ok(())
-        } else {
-            Err(gone())
         }
     }
 

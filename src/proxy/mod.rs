@@ -29,7 +29,7 @@ mod pool;
 pub use error::{ProxyError, TruncatedWhy};
 pub use pool::Pool;
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -66,17 +66,6 @@ pub trait Client {
     fn write_body(&mut self, data: &[u8]) -> Result<(), ClientError>;
     /// Push anything buffered to the client (called when the daemon has nothing more queued).
     fn flush(&mut self) -> Result<(), ClientError>;
-    /// Room for `len` bytes of response body that `send_buffer` then hands to the client
-    /// without a copy; None where the client has no such buffers (`write_body` is used).
-    fn buffer(&mut self, _len: usize) -> Option<&mut [u8]> {
-        None
-    }
-    /// Sends the first `len` bytes of the room `buffer` gave.
-    fn send_buffer(&mut self, _len: usize) -> Result<(), ClientError> {
-        Err(ClientError::Gone(
-            "no response buffer was handed out".into(),
-        ))
-    }
 }
 
 /// A failure talking to the HTTP client.
@@ -507,27 +496,10 @@ impl Relay<'_, '_> {
         let mut left = len;
         while left > 0 {
             let piece = left.min(DATA_PIECE);
-            left -= piece;
-            if let Some(room) = client.buffer(piece) {
-                // Straight into the client's own buffer: no copy on the way out.
-                if let Err(e) = self.reader.read_exact(room) {
-                    return Err(self.read_failed(match e.kind() {
-                        io::ErrorKind::UnexpectedEof => WireError::Truncated,
-                        _ => WireError::Io(e),
-                    }));
-                }
-                let allowed = self.allowed_len(piece);
-                if allowed > 0 {
-                    client
-                        .send_buffer(allowed)
-                        .map_err(|e| self.client_gone(&e, "sending the response"))?;
-                    self.unflushed = true;
-                }
-                continue;
-            }
             if let Err(e) = wire::read_payload(&mut self.reader, piece, &mut self.payload) {
                 return Err(self.read_failed(e));
             }
+            left -= piece;
             let allowed = self.allowed_len(piece);
             if allowed > 0 {
                 client
