@@ -36,6 +36,13 @@ impl LoadSlot {
         self.threads.store(threads, Ordering::Release);
     }
 
+    /// Called by a daemon process when it begins to stop: from now on no worker reuses a
+    /// connection to it (a fresh connection reaches the group's other processes or its
+    /// replacement).
+    pub fn close(&self) {
+        self.threads.store(0, Ordering::Release);
+    }
+
     /// A thread took a request.
     pub fn enter(&self) {
         self.busy.fetch_add(1, Ordering::AcqRel);
@@ -132,6 +139,11 @@ mod tests {
         slot.leave();
         slot.release_claim();
         assert!(board.claim(Some(1)).is_some());
+        slot.close();
+        assert!(
+            board.claim(Some(1)).is_none(),
+            "a stopping process takes nothing new"
+        );
     }
 
     #[test]

@@ -579,6 +579,9 @@ impl Dispatcher {
     /// reached the listener (those have nowhere else to go), and close the idle ones with a
     /// Goodbye, which tells their workers to send their next request elsewhere.
     fn drain(&self, thread: usize) {
+        if let Some(slot) = self.load {
+            slot.close();
+        }
         while let Ok(fd) = accept4(self.listen_fd, SockFlag::SOCK_CLOEXEC) {
             let stream = UnixStream::from(listener::own_accepted(fd));
             if let Some(conn) = admit(stream, &self.group, self.slot) {
@@ -590,6 +593,10 @@ impl Dispatcher {
 
     /// Says goodbye to every idle connection.
     pub fn close_idle(&self) {
+        if let Some(slot) = self.load {
+            // First, so that no worker picks one of them while we go through them.
+            slot.close();
+        }
         let idle = self.parked().take_all();
         for conn in idle {
             conn.goodbye();

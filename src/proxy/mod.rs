@@ -151,7 +151,10 @@ pub fn forward(
     let pool = target.pool.filter(|p| p.serves(target.socket_path));
     let mut resends = 0;
     loop {
-        let (conn, claim) = match pool.and_then(|p| p.take(&target.load)) {
+        // A resend goes over a new connection: the kept ones may lead to the same stopping
+        // process, which is saying goodbye on each of them in turn.
+        let kept = pool.filter(|_| resends == 0);
+        let (conn, claim) = match kept.and_then(|p| p.take(&target.load)) {
             Some((idle, claim)) => (idle, Some(claim)),
             None => (open(target)?, None),
         };
