@@ -46,44 +46,6 @@ fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
 // Daemon processes and their sockets
 // ---------------------------------------------------------------------------------------------
 
-/// The pids of the daemon processes of `group`, from their "Starting process '<group>'" lines
-/// (Apache's `[pid N:tid M]` prefix), oldest first.
-fn started_pids(server: &TestServer, group: &str) -> Vec<u32> {
-    let needle = format!("Starting process '{group}'");
-    server
-        .error_log()
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .filter_map(|l| {
-            l.split("[pid ")
-                .nth(1)?
-                .split([':', ']'])
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// The started daemons of `group` that are still alive and children of this Apache.
-fn live_daemons(server: &TestServer, group: &str) -> Vec<u32> {
-    let parent = server.pid();
-    let mut pids: Vec<u32> = started_pids(server, group)
-        .into_iter()
-        .filter(|&pid| matches!(proc_info(pid), Some(p) if !p.is_zombie() && p.ppid == parent))
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
-}
-
-fn kill9(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions; pid is a live daemon of our Apache.
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-    }
-}
-
 /// One line of /proc/net/unix.
 #[derive(Debug, Clone)]
 struct UnixEntry {

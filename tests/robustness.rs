@@ -48,38 +48,6 @@ fn ours(id: &str, phrase: &str) -> String {
     }
 }
 
-/// The pids of the daemon processes of `group`, from their "Starting process '<group>'" lines
-/// (Apache's `[pid N:tid M]` prefix), oldest first.
-fn started_pids(server: &TestServer, group: &str) -> Vec<u32> {
-    let needle = format!("Starting process '{group}'");
-    server
-        .error_log()
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .filter_map(|l| {
-            l.split("[pid ")
-                .nth(1)?
-                .split([':', ']'])
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-/// The started daemons of `group` that are still alive and still children of this Apache
-/// (so a recycled pid is never taken for ours).
-fn live_daemons(server: &TestServer, group: &str) -> Vec<u32> {
-    let parent = server.pid();
-    let mut pids: Vec<u32> = started_pids(server, group)
-        .into_iter()
-        .filter(|&pid| matches!(proc_info(pid), Some(p) if !p.is_zombie() && p.ppid == parent))
-        .collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
-}
-
 /// Waits until `group` has `n` live daemons (by their start lines); returns them.
 fn wait_live_daemons(server: &TestServer, group: &str, n: usize) -> Vec<u32> {
     let mut pids = Vec::new();
@@ -159,13 +127,6 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort_unstable();
     let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
     samples[rank.clamp(1, samples.len()) - 1]
-}
-
-fn kill9(pid: u32) {
-    // SAFETY: kill has no memory-safety preconditions; pid is a live child of our Apache.
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-    }
 }
 
 /// One request's outcome in a load loop.

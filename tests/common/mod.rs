@@ -2754,3 +2754,43 @@ pub fn forged_request(secret: &[u8], group: &str, script: &str) -> Vec<u8> {
     frame.extend_from_slice(&payload);
     frame
 }
+
+/// The pids of the daemon processes of `group`, from their "Starting process '<group>'" lines
+/// (Apache's `[pid N:tid M]` prefix), oldest first.
+pub fn started_pids(server: &TestServer, group: &str) -> Vec<u32> {
+    let needle = format!("Starting process '{group}'");
+    server
+        .error_log()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| {
+            l.split("[pid ")
+                .nth(1)?
+                .split([':', ']'])
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The started daemons of `group` that are still alive and still children of this Apache
+/// (so a recycled pid is never taken for ours).
+pub fn live_daemons(server: &TestServer, group: &str) -> Vec<u32> {
+    let parent = server.pid();
+    let mut pids: Vec<u32> = started_pids(server, group)
+        .into_iter()
+        .filter(|&pid| matches!(proc_info(pid), Some(p) if !p.is_zombie() && p.ppid == parent))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// SIGKILL, for a daemon or Apache child of ours.
+pub fn kill9(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
