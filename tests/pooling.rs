@@ -30,18 +30,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The latency test runs alone (`alone()`), every other test takes a shared turn
-/// (`shared()`), so another test's load is not the latency test's noise.
-static TURNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
-    TURNS.write().unwrap_or_else(|p| p.into_inner())
-}
-
-fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    TURNS.read().unwrap_or_else(|p| p.into_inner())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Daemon processes and their sockets
 // ---------------------------------------------------------------------------------------------

@@ -22,20 +22,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The tests that load the machine or measure latency run alone (`alone()`); every other
-/// test of this file takes a shared turn (`shared()`), so that no test's load (a CPU burner,
-/// a 500 MB allocation, Apache starting) is another's noise when libtest runs them in
-/// parallel.
-static TURNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
-    TURNS.write().unwrap_or_else(|p| p.into_inner())
-}
-
-fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    TURNS.read().unwrap_or_else(|p| p.into_inner())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------

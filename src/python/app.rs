@@ -373,7 +373,7 @@ fn send_iterable(
     }
     for item in result.try_iter()? {
         let bytes = as_bytes(item?)?;
-        send_bytes(py, conn, bytes.as_bytes(), true)?;
+        send_now(py, conn, bytes.as_bytes())?;
     }
     Ok(())
 }
@@ -431,11 +431,9 @@ fn queue_bytes(conn: &SharedConnection, data: &[u8]) -> PyResult<bool> {
     .map_err(io_to_py)
 }
 
-fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8], flush: bool) -> PyResult<()> {
-    // Queuing is a memory copy: no need to release the GIL for it.
-    if !flush && queue_bytes(conn, data)? {
-        return Ok(());
-    }
+/// Sends body bytes now (a generator's chunk, a `write()` call): a streamed response must not
+/// wait for the End frame.
+fn send_now(py: Python<'_>, conn: &SharedConnection, data: &[u8]) -> PyResult<()> {
     let conn = conn.clone();
     py.detach(move || {
         conn.with(|c| {
@@ -447,7 +445,7 @@ fn send_bytes(py: Python<'_>, conn: &SharedConnection, data: &[u8], flush: bool)
             if data.is_empty() {
                 return Ok(());
             }
-            c.send_data(data, flush)
+            c.send_data(data, true)
         })
     })
     .map_err(io_to_py)
@@ -561,6 +559,6 @@ impl Write {
         let bytes = data
             .cast::<PyBytes>()
             .map_err(|_| PyTypeError::new_err("write() expects a byte string"))?;
-        send_bytes(py, &self.conn, bytes.as_bytes(), true)
+        send_now(py, &self.conn, bytes.as_bytes())
     }
 }

@@ -2794,3 +2794,17 @@ pub fn kill9(pid: u32) {
         libc::kill(pid as libc::pid_t, libc::SIGKILL);
     }
 }
+
+/// Turns for the tests of one test file: the ones that load the machine or measure latency run
+/// alone (`alone()`), every other takes a shared turn (`shared()`), so that no test's load is
+/// another's noise when libtest runs them in parallel. (Each test file is its own crate, so
+/// each has its own lock.)
+static TURNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    TURNS.write().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    TURNS.read().unwrap_or_else(|p| p.into_inner())
+}
