@@ -172,6 +172,15 @@ pub fn read_payload(r: &mut impl Read, len: usize, payload: &mut Vec<u8>) -> Res
     Ok(())
 }
 
+/// Reads exactly `buf.len()` payload bytes into `buf`; a stream that ends first is a cut frame.
+pub fn read_payload_into(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(WireError::Truncated),
+        Err(e) => Err(WireError::Io(e)),
+    }
+}
+
 /// Like read_exact, but an EOF before the first byte is a clean close.
 fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
     let mut filled = 0;

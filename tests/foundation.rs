@@ -230,6 +230,48 @@ fn assert_all_hwm_below(server: &TestServer, limit_kib: u64, when: &str) {
     }
 }
 
+/// Clients slower than the app: Apache holds the response pieces it cannot write yet (and
+/// finishes writing after the handler has returned); every byte still arrives, in order, for
+/// several such clients at once, with and without Content-Length.
+#[test]
+fn slow_clients_get_every_byte_of_big_responses() {
+    let server = TestServer::start(
+        "SendBufferSize 32768\n\
+         WSGIDaemonProcess slow processes=1 threads=4\n\
+         WSGIScriptAlias /stream @APPS@/stream.wsgi process-group=slow\n",
+    );
+    // Small socket buffers, so most of the body has to wait in Apache.
+    let len = 8 * MIB + 5;
+    let clients: Vec<_> = (0..4u64)
+        .map(|seed| {
+            let addr = server.addr();
+            std::thread::spawn(move || {
+                let mut check = PatternCheck::new(seed + 11, len);
+                let mut first = true;
+                let cl = if seed % 2 == 0 { "1" } else { "0" };
+                let path = format!("/stream?bytes={len}&seed={}&cl={cl}", seed + 11);
+                let streamed = http_stream(addr, "GET", &path, &[], Body::Empty, |chunk| {
+                    // Stall once the socket buffers have filled, then read slowly.
+                    let pause = if std::mem::take(&mut first) { 700 } else { 1 };
+                    std::thread::sleep(Duration::from_millis(pause));
+                    check.feed(chunk);
+                });
+                (path, streamed, check.finish())
+            })
+        })
+        .collect();
+    for client in clients {
+        let (path, streamed, checked) = client.join().expect("client thread");
+        let streamed = streamed.unwrap_or_else(|e| {
+            panic!("{path}: {e}\n--- error_log ---\n{}", server.error_log())
+        });
+        assert_eq!(streamed.status, 200, "{path}: {streamed:?}");
+        assert_eq!(streamed.body_len, len, "{path}");
+        checked.unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    assert_eq!(server.get("/stream?bytes=12").status, 200);
+}
+
 #[test]
 fn big_bodies_stream_in_bounded_memory() {
     let server = TestServer::start(

@@ -38,3 +38,23 @@ pub unsafe fn module_loglevel(log: *const ap_logconf, index: i32) -> i32 {
         }
     }
 }
+
+/// `APR_BRIGADE_INSERT_TAIL(bb, e)`: links bucket `e` in as the last of brigade `bb`.
+///
+/// # Safety
+/// `bb` must be a live brigade and `e` a live bucket that is in no brigade.
+pub unsafe fn brigade_insert_tail(bb: *mut apr_bucket_brigade, e: *mut apr_bucket) {
+    // SAFETY: the caller guarantees both are live. The brigade's list head poses as a bucket
+    // (APR_RING_SENTINEL): `link` is apr_bucket's first field, so the head's address is the
+    // sentinel's, and its next/prev are the sentinel's link.
+    unsafe {
+        let sentinel = std::ptr::addr_of_mut!((*bb).list).cast::<apr_bucket>();
+        let last = (*bb).list.prev;
+        (*e).link.next = sentinel;
+        (*e).link.prev = last;
+        (*last).link.next = e;
+        (*bb).list.prev = e;
+    }
+}
+
+const _: () = assert!(std::mem::offset_of!(apr_bucket, link) == 0);

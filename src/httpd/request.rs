@@ -252,7 +252,11 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             pool: pool_for(group),
             load: group.load,
         };
-        let mut client = ApacheClient { r, redirect: None };
+        let mut client = ApacheClient {
+            r,
+            redirect: None,
+            brigade: std::ptr::null_mut(),
+        };
         match proxy::forward(&target, &environ, &mut client) {
             Ok(Outcome::Completed) => match client.redirect {
                 Some(location) => internal_redirect(r, &location),
@@ -445,6 +449,8 @@ struct ApacheClient {
     /// A 200 response with a local `Location: /path`: as mod_cgi, Apache serves that path
     /// instead (an internal redirect), and the app's own body is discarded.
     redirect: Option<Vec<u8>>,
+    /// For handing response pieces to the output filters; made at the first piece.
+    brigade: *mut ffi::apr_bucket_brigade,
 }
 
 /// mod_cgi's local redirect: the request becomes a GET for `location`.
@@ -530,6 +536,40 @@ impl Client for ApacheClient {
         }
     }
 
+    /// The piece becomes a heap bucket that owns it: the output filters keep it, without a
+    /// copy, until it is written, and then `free_piece` gives it back.
+    fn write_piece(&mut self, piece: Box<[u8]>, len: usize) -> Result<(), ClientError> {
+        if self.redirect.is_some() || piece.len() != proxy::PIECE {
+            proxy::give_back_piece(piece);
+            return Ok(());
+        }
+        let len = len.min(piece.len());
+        // SAFETY: live request and connection; the brigade lives in the request pool. The
+        // bucket takes the piece over: free_piece rebuilds the box from the same pointer and
+        // length (PIECE, checked above) once Apache is done with it.
+        unsafe {
+            let r = self.r;
+            let alloc = (*(*r).connection).bucket_alloc;
+            if self.brigade.is_null() {
+                self.brigade = ffi::apr_brigade_create((*r).pool, alloc);
+            }
+            let data = Box::into_raw(piece).cast::<u8>();
+            let bucket = ffi::apr_bucket_heap_create(data.cast(), len, Some(free_piece), alloc);
+            if bucket.is_null() {
+                free_piece(data.cast());
+                return Err(ClientError::Gone("no memory for an output bucket".into()));
+            }
+            ffi::brigade_insert_tail(self.brigade, bucket);
+            let status = ffi::ap_pass_brigade((*r).output_filters, self.brigade);
+            ffi::apr_brigade_cleanup(self.brigade.cast());
+            if status == ffi::APR_SUCCESS as ffi::apr_status_t {
+                Ok(())
+            } else {
+                Err(ClientError::Gone("the client closed the connection".into()))
+            }
+        }
+    }
+
     fn flush(&mut self) -> Result<(), ClientError> {
         if self.redirect.is_some() {
             return Ok(());
@@ -541,6 +581,17 @@ impl Client for ApacheClient {
             Ok(())
         }
     }
+}
+
+/// A heap bucket's free function for the pieces `write_piece` hands over.
+///
+/// # Safety
+/// `data` must come from `Box::into_raw` on a `Box<[u8]>` of `proxy::PIECE` bytes, once.
+unsafe extern "C" fn free_piece(data: *mut std::ffi::c_void) {
+    let slice = std::ptr::slice_from_raw_parts_mut(data.cast::<u8>(), proxy::PIECE);
+    // SAFETY: see above: this is the box write_piece let go of, with its length.
+    let piece = unsafe { Box::from_raw(slice) };
+    guarded((), || proxy::give_back_piece(piece));
 }
 
 impl ApacheClient {

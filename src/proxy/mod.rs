@@ -24,9 +24,11 @@
 
 mod connect;
 mod error;
+mod pieces;
 mod pool;
 
 pub use error::{ProxyError, TruncatedWhy};
+pub use pieces::{give_back as give_back_piece, PIECE};
 pub use pool::Pool;
 
 use std::io::{self, BufReader, Write};
@@ -47,6 +49,10 @@ use pool::Idle;
 /// frame is relayed in pieces).
 const DATA_PIECE: usize = 64 * 1024;
 
+/// Response pieces this big or bigger are handed to the client in a buffer it keeps (no
+/// copy); smaller ones are cheaper to copy into the client's output buffer.
+const HANDOVER_MIN: usize = 8 * 1024;
+
 /// The most request body one Body frame carries: what the daemon asks for beyond it comes in
 /// further answers.
 const BODY_PIECE: usize = 64 * 1024;
@@ -64,6 +70,14 @@ pub trait Client {
     fn send_headers(&mut self, status: &[u8], headers: &[(&[u8], &[u8])])
         -> Result<(), ProxyError>;
     fn write_body(&mut self, data: &[u8]) -> Result<(), ClientError>;
+    /// Sends the first `len` bytes of `piece` (a buffer from [`pieces::take`]). A client that
+    /// can keep the piece until it is written gives it back to [`pieces::give_back`] then;
+    /// by default it is copied by `write_body` and given back at once.
+    fn write_piece(&mut self, piece: Box<[u8]>, len: usize) -> Result<(), ClientError> {
+        let result = self.write_body(&piece[..len.min(piece.len())]);
+        pieces::give_back(piece);
+        result
+    }
     /// Push anything buffered to the client (called when the daemon has nothing more queued).
     fn flush(&mut self) -> Result<(), ClientError>;
 }
@@ -492,28 +506,47 @@ impl Relay<'_, '_> {
         Ok(())
     }
 
-    /// How much of `len` more body bytes may go to the client under Content-Length.
     /// Relays a Data frame of `len` bytes to the client in DATA_PIECE pieces, as they arrive,
-    /// so an Apache thread never holds more than one piece of the response.
+    /// so an Apache thread never holds more than one piece of the response. A piece of
+    /// HANDOVER_MIN bytes or more is read into a buffer the client keeps (see `pieces`);
+    /// smaller ones are copied into the client's own output buffer, which gathers them.
     fn relay_data(&mut self, client: &mut impl Client, len: usize) -> Result<(), ProxyError> {
         let mut left = len;
         while left > 0 {
             let piece = left.min(DATA_PIECE);
-            if let Err(e) = wire::read_payload(&mut self.reader, piece, &mut self.payload) {
-                return Err(self.read_failed(e));
-            }
             left -= piece;
-            let allowed = self.allowed_len(piece);
-            if allowed > 0 {
+            if piece >= HANDOVER_MIN {
+                let mut buffer = pieces::take();
+                if let Err(e) = wire::read_payload_into(&mut self.reader, &mut buffer[..piece]) {
+                    pieces::give_back(buffer);
+                    return Err(self.read_failed(e));
+                }
+                let allowed = self.allowed_len(piece);
+                if allowed == 0 {
+                    pieces::give_back(buffer);
+                    continue;
+                }
+                client
+                    .write_piece(buffer, allowed)
+                    .map_err(|e| self.client_gone(&e, "sending the response"))?;
+            } else {
+                if let Err(e) = wire::read_payload(&mut self.reader, piece, &mut self.payload) {
+                    return Err(self.read_failed(e));
+                }
+                let allowed = self.allowed_len(piece);
+                if allowed == 0 {
+                    continue;
+                }
                 client
                     .write_body(&self.payload[..allowed])
                     .map_err(|e| self.client_gone(&e, "sending the response"))?;
-                self.unflushed = true;
             }
+            self.unflushed = true;
         }
         Ok(())
     }
 
+    /// How much of `len` more body bytes may go to the client under Content-Length.
     fn allowed_len(&mut self, len: usize) -> usize {
         let Some(left) = self.body_left.as_mut() else {
             return len;

@@ -1,0 +1,56 @@
+//! Buffers for response body pieces that the client keeps after `write_piece` returns.
+//!
+//! Apache's output filters hold on to data they could not write at once (a slow client); data
+//! they do not own they copy first. A piece is handed over instead, and comes back here when
+//! Apache is done with it, so a big response costs no copy inside Apache, and the pieces are
+//! reused rather than allocated and freed for every 64 KiB (which made the allocator hand
+//! pages back and fault them in again). The free list is bounded: a burst of slow clients
+//! leaves at most `MAX_FREE` pieces behind.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Mutex;
+
+/// The size of every piece: one Data relay step.
+pub const PIECE: usize = super::DATA_PIECE;
+
+/// Pieces kept for reuse by one Apache child (1 MiB); more are freed.
+const MAX_FREE: usize = 16;
+
+static FREE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+/// A buffer of exactly PIECE bytes (contents unspecified), reused when one is free.
+pub fn take() -> Box<[u8]> {
+    let reused = FREE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    reused.unwrap_or_else(|| vec![0; PIECE].into_boxed_slice())
+}
+
+/// Gives a piece back (from any thread). A buffer of another size is simply freed.
+pub fn give_back(piece: Box<[u8]>) {
+    if piece.len() != PIECE {
+        return;
+    }
+    let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
+    if free.len() < MAX_FREE {
+        free.push(piece);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_are_reused_and_the_free_list_is_bounded() {
+        let taken: Vec<Box<[u8]>> = (0..MAX_FREE + 4).map(|_| take()).collect();
+        assert!(taken.iter().all(|p| p.len() == PIECE));
+        for piece in taken {
+            give_back(piece);
+        }
+        assert!(FREE.lock().unwrap().len() <= MAX_FREE);
+        give_back(vec![0; 10].into_boxed_slice());
+        assert!(FREE.lock().unwrap().iter().all(|p| p.len() == PIECE));
+        let again = take();
+        assert_eq!(again.len(), PIECE);
+    }
+}
