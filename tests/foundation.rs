@@ -262,9 +262,8 @@ fn slow_clients_get_every_byte_of_big_responses() {
         .collect();
     for client in clients {
         let (path, streamed, checked) = client.join().expect("client thread");
-        let streamed = streamed.unwrap_or_else(|e| {
-            panic!("{path}: {e}\n--- error_log ---\n{}", server.error_log())
-        });
+        let streamed = streamed
+            .unwrap_or_else(|e| panic!("{path}: {e}\n--- error_log ---\n{}", server.error_log()));
         assert_eq!(streamed.status, 200, "{path}: {streamed:?}");
         assert_eq!(streamed.body_len, len, "{path}");
         checked.unwrap_or_else(|e| panic!("{path}: {e}"));
