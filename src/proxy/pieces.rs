@@ -47,9 +47,9 @@ mod tests {
         for piece in taken {
             give_back(piece);
         }
-        assert!(FREE.lock().unwrap().len() <= MAX_FREE);
+        assert!(FREE.lock().expect("free list").len() <= MAX_FREE);
         give_back(vec![0; 10].into_boxed_slice());
-        assert!(FREE.lock().unwrap().iter().all(|p| p.len() == PIECE));
+        assert!(FREE.lock().expect("free list").iter().all(|p| p.len() == PIECE));
         let again = take();
         assert_eq!(again.len(), PIECE);
     }
