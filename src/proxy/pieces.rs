@@ -49,7 +49,11 @@ mod tests {
         }
         assert!(FREE.lock().expect("free list").len() <= MAX_FREE);
         give_back(vec![0; 10].into_boxed_slice());
-        assert!(FREE.lock().expect("free list").iter().all(|p| p.len() == PIECE));
+        assert!(FREE
+            .lock()
+            .expect("free list")
+            .iter()
+            .all(|p| p.len() == PIECE));
         let again = take();
         assert_eq!(again.len(), PIECE);
     }
