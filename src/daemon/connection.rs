@@ -137,18 +137,17 @@ impl Connection {
         &self.input[self.input_pos..]
     }
 
-    fn consume(&mut self, n: usize) -> Vec<u8> {
-        if self.input_pos == 0 && n == self.input.len() {
-            // The whole buffer (usually one pulled frame): hand it over without a copy.
-            return std::mem::take(&mut self.input);
-        }
-        let out = self.input[self.input_pos..self.input_pos + n].to_vec();
-        self.input_pos += n;
+    /// Hands the next `n` buffered bytes (fewer if fewer are buffered) to `take`, then drops
+    /// them from the buffer. The caller copies them once, straight into what it returns.
+    pub fn take_ready<T>(&mut self, n: usize, take: impl FnOnce(&[u8]) -> T) -> T {
+        let end = (self.input_pos + n).min(self.input.len());
+        let taken = take(&self.input[self.input_pos..end]);
+        self.input_pos = end;
         if self.input_pos == self.input.len() {
             self.input.clear();
             self.input_pos = 0;
         }
-        out
+        taken
     }
 
     /// Pulls more body into the buffer; false at the end of the body. With `exact`, the worker
@@ -265,9 +264,9 @@ impl Connection {
         }
     }
 
-    /// `wsgi.input.read(size)`: up to `size` bytes (all that is left for None), fewer only
-    /// at the end of the body.
-    pub fn read(&mut self, size: Option<usize>) -> Result<Vec<u8>, WireError> {
+    /// `wsgi.input.read(size)`: buffers up to `size` bytes (all that is left for None), fewer
+    /// only at the end of the body, and says how many are ready for `take_ready`.
+    pub fn prepare_read(&mut self, size: Option<usize>) -> Result<usize, WireError> {
         let limit = size.unwrap_or(usize::MAX);
         while self.buffered().len() < limit {
             let want = limit.saturating_sub(self.buffered().len());
@@ -275,29 +274,41 @@ impl Connection {
                 break;
             }
         }
-        let n = self.buffered().len().min(limit);
-        Ok(self.consume(n))
+        Ok(self.buffered().len().min(limit))
     }
 
-    /// `wsgi.input.readline(size)`: through the next b"\n", or `size` bytes, or the end.
-    pub fn readline(&mut self, size: Option<usize>) -> Result<Vec<u8>, WireError> {
+    /// `wsgi.input.readline(size)`: buffers through the next b"\n", or `size` bytes, or the
+    /// end, and says how many bytes the line has (for `take_ready`).
+    pub fn prepare_readline(&mut self, size: Option<usize>) -> Result<usize, WireError> {
         let limit = size.unwrap_or(usize::MAX);
         let mut searched = 0;
         loop {
             let buffered = self.buffered();
             if let Some(pos) = buffered[searched..].iter().position(|&b| b == b'\n') {
-                let n = (searched + pos + 1).min(limit);
-                return Ok(self.consume(n));
+                return Ok((searched + pos + 1).min(limit));
             }
             searched = buffered.len();
             if searched >= limit {
-                return Ok(self.consume(limit));
+                return Ok(limit);
             }
             if !self.fill(PULL_SIZE, false)? {
-                let n = self.buffered().len().min(limit);
-                return Ok(self.consume(n));
+                return Ok(self.buffered().len().min(limit));
             }
         }
+    }
+
+    /// `prepare_read` and the bytes, as a Vec.
+    #[cfg(test)]
+    pub fn read(&mut self, size: Option<usize>) -> Result<Vec<u8>, WireError> {
+        let n = self.prepare_read(size)?;
+        Ok(self.take_ready(n, <[u8]>::to_vec))
+    }
+
+    /// `prepare_readline` and the line, as a Vec.
+    #[cfg(test)]
+    pub fn readline(&mut self, size: Option<usize>) -> Result<Vec<u8>, WireError> {
+        let n = self.prepare_readline(size)?;
+        Ok(self.take_ready(n, <[u8]>::to_vec))
     }
 
     /// Records the response status and headers (an encoded Headers payload).

@@ -59,8 +59,25 @@ impl Input {
     ) -> PyResult<T> {
         let conn = self.conn.clone();
         py.detach(move || conn.with(|c| f(c).map_err(io::Error::other)))
-            .map_err(|err| PyOSError::new_err(format!("request body could not be read: {err}")))
+            .map_err(body_error)
     }
+
+    /// Buffers the bytes `prepare` counts (waiting without the GIL), then copies them once,
+    /// straight into the bytes object returned.
+    fn read_with<'py>(
+        &self,
+        py: Python<'py>,
+        prepare: impl FnOnce(&mut Connection) -> Result<usize, WireError> + Send,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let ready = self.with_conn(py, prepare)?;
+        self.conn
+            .with(|c| Ok(c.take_ready(ready, |data| PyBytes::new(py, data))))
+            .map_err(body_error)
+    }
+}
+
+fn body_error(err: io::Error) -> PyErr {
+    PyOSError::new_err(format!("request body could not be read: {err}"))
 }
 
 /// Python's size convention: None or a negative number means "no limit".
@@ -72,14 +89,12 @@ fn limit(size: Option<isize>) -> Option<usize> {
 impl Input {
     #[pyo3(signature = (size=None))]
     fn read<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
-        let data = self.with_conn(py, |c| c.read(limit(size)))?;
-        Ok(PyBytes::new(py, &data))
+        self.read_with(py, |c| c.prepare_read(limit(size)))
     }
 
     #[pyo3(signature = (size=None))]
     fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
-        let data = self.with_conn(py, |c| c.readline(limit(size)))?;
-        Ok(PyBytes::new(py, &data))
+        self.read_with(py, |c| c.prepare_readline(limit(size)))
     }
 
     #[pyo3(signature = (hint=None))]
@@ -88,12 +103,13 @@ impl Input {
         let hint = limit(hint).filter(|&h| h > 0);
         let mut total = 0;
         loop {
-            let line = self.with_conn(py, |c| c.readline(None))?;
-            if line.is_empty() {
+            let line = self.read_with(py, |c| c.prepare_readline(None))?;
+            let len = line.as_bytes().len();
+            if len == 0 {
                 break;
             }
-            total += line.len();
-            lines.append(PyBytes::new(py, &line))?;
+            total += len;
+            lines.append(line)?;
             if hint.is_some_and(|h| total >= h) {
                 break;
             }
@@ -106,8 +122,8 @@ impl Input {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let line = self.with_conn(py, |c| c.readline(None))?;
-        Ok((!line.is_empty()).then(|| PyBytes::new(py, &line)))
+        let line = self.read_with(py, |c| c.prepare_readline(None))?;
+        Ok((!line.as_bytes().is_empty()).then_some(line))
     }
 
     fn close(&self) {}
