@@ -245,7 +245,7 @@ fn exchange(
         stream: &conn.stream,
         reader: BufReader::with_capacity(READ_BUFFER, &conn.stream),
         payload: Vec::new(),
-        body: Vec::new(),
+        body: BodyBuffer(None),
         headers_sent: false,
         body_done: false,
         unflushed: false,
@@ -269,6 +269,26 @@ fn exchange(
     Ok(Exchange::Done(outcome, keep))
 }
 
+/// The buffer for request body pieces: one of the child's recycled pieces, taken at the first
+/// pull and given back when the request is over.
+struct BodyBuffer(Option<Box<[u8]>>);
+
+const _: () = assert!(BODY_PIECE <= pieces::PIECE);
+
+impl BodyBuffer {
+    fn get(&mut self) -> &mut [u8] {
+        self.0.get_or_insert_with(pieces::take)
+    }
+}
+
+impl Drop for BodyBuffer {
+    fn drop(&mut self) {
+        if let Some(piece) = self.0.take() {
+            pieces::give_back(piece);
+        }
+    }
+}
+
 /// One request's relay state after the Request frame went out.
 struct Relay<'t, 's> {
     target: &'t Target<'t>,
@@ -277,7 +297,7 @@ struct Relay<'t, 's> {
     /// Each incoming frame.
     payload: Vec<u8>,
     /// Each Body frame we send.
-    body: Vec<u8>,
+    body: BodyBuffer,
     headers_sent: bool,
     /// The client's body reached its end (every later ReadBody gets BodyEnd).
     body_done: bool,
@@ -402,7 +422,7 @@ impl Relay<'_, '_> {
         } else {
             Kind::Body
         };
-        wire::write_frame(&mut Sender(self.stream), kind, &self.body[..got])
+        wire::write_frame(&mut Sender(self.stream), kind, &self.body.get()[..got])
             .map_err(|e| self.write_failed(e, "sending the request body"))
     }
 
@@ -414,13 +434,10 @@ impl Relay<'_, '_> {
         want: usize,
         fill: bool,
     ) -> Result<usize, ProxyError> {
-        // Sized once per request (zeroing it for every pull would cost a memset each).
-        if self.body.len() < want {
-            self.body.resize(want, 0);
-        }
+        let want = want.min(BODY_PIECE);
         let mut got = 0;
         while got < want {
-            match client.read_body(&mut self.body[got..want]) {
+            match client.read_body(&mut self.body.get()[got..want]) {
                 Ok(0) => {
                     self.body_done = true;
                     break;
@@ -456,7 +473,7 @@ impl Relay<'_, '_> {
                 ))));
             }
             Sender(self.stream)
-                .write_all(&self.body[..got])
+                .write_all(&self.body.get()[..got])
                 .map_err(|e| self.write_failed(e, "sending the request body"))?;
             sent += got;
         }
