@@ -1,11 +1,12 @@
-//! Buffers for response body pieces that the client keeps after `write_piece` returns.
+//! An Apache child's 64 KiB body buffers, recycled: response pieces that the client keeps
+//! after `write_piece` returns, and each request's buffer for body pulls.
 //!
 //! Apache's output filters hold on to data they could not write at once (a slow client); data
-//! they do not own they copy first. A piece is handed over instead, and comes back here when
-//! Apache is done with it, so a big response costs no copy inside Apache, and the pieces are
-//! reused rather than allocated and freed for every 64 KiB (which made the allocator hand
-//! pages back and fault them in again). The free list is bounded: a burst of slow clients
-//! leaves at most `MAX_FREE` pieces behind.
+//! they do not own they copy first. A response piece is handed over instead, and comes back
+//! here when Apache is done with it, so a big response costs no copy inside Apache, and the
+//! pieces are reused rather than allocated and freed for every 64 KiB (which made the
+//! allocator hand pages back and fault them in again). The free list is bounded: a burst of
+//! slow clients leaves at most `MAX_FREE` pieces behind.
 
 #![forbid(unsafe_code)]
 
