@@ -42,7 +42,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pieces_are_reused_and_the_free_list_is_bounded() {
+    fn the_free_list_is_bounded_and_holds_only_whole_pieces() {
         let taken: Vec<Box<[u8]>> = (0..MAX_FREE + 4).map(|_| take()).collect();
         assert!(taken.iter().all(|p| p.len() == PIECE));
         for piece in taken {
