@@ -1833,7 +1833,8 @@ fn model_cap(kind: Kind, header_cap: usize) -> usize {
         Kind::Request => 8 << 20,
         Kind::Body | Kind::Data => 1 << 20,
         Kind::BodyEnd | Kind::Goodbye => 0,
-        Kind::ReadBody | Kind::End => 4,
+        Kind::ReadBody | Kind::End | Kind::Region | Kind::BodySlot => 4,
+        Kind::DataSlot => 8,
         Kind::Fail => 2,
         Kind::Headers => header_cap,
     }
@@ -1850,6 +1851,9 @@ fn model_kind(byte: u8) -> Option<Kind> {
         7 => Kind::End,
         8 => Kind::Fail,
         9 => Kind::Goodbye,
+        10 => Kind::Region,
+        11 => Kind::BodySlot,
+        12 => Kind::DataSlot,
         _ => return None,
     })
 }
@@ -2766,7 +2770,11 @@ impl FakeDaemon {
                 stream.set_read_timeout(Some(HANG)).unwrap();
                 stream.set_write_timeout(Some(HANG)).unwrap();
                 let mut environ = Vec::new();
-                let kind = wire::read_frame(&mut stream, &mut environ, 0).unwrap();
+                let mut kind = wire::read_frame(&mut stream, &mut environ, 0).unwrap();
+                // A new connection offers a region first; this daemon keeps to inline frames.
+                if kind == Kind::Region {
+                    kind = wire::read_frame(&mut stream, &mut environ, 0).unwrap();
+                }
                 assert_eq!(kind, Kind::Request);
                 let (writing, reading) = fake_worker(stream, job);
                 writing.join().unwrap();

@@ -3,12 +3,11 @@
 //!
 //! Layout (see ARCHITECTURE.md): `config` parses directives, `route` picks a group,
 //! `wire` frames worker↔daemon traffic, `proxy` is the Apache-worker side, `daemon` the
-//! supervised daemon processes, `python` the embedded CPython. Only `httpd` touches C types.
+//! supervised daemon processes, `python` the embedded CPython. Only `httpd` touches C types
+//! (and raw memory: `httpd::shm`).
 
 pub mod config;
 pub mod daemon;
-
-#[cfg(not(test))]
 pub mod httpd;
 pub mod load;
 pub mod logging;

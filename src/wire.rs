@@ -14,6 +14,14 @@
 //!                   or Goodbye instead of any answer: the daemon is closing this idle
 //!                   connection and did not read the request (the worker may resend it)
 //! ```
+//!
+//! **Shared region.** A worker may open a new connection with a Region frame that carries, as
+//! SCM_RIGHTS, a sealed memfd of [`REGION_LEN`] bytes laid out as in [`region`]. Once the
+//! daemon has mapped it, big body bytes no longer cross the socket: a ReadBody may name one of
+//! the two body slots (the worker answers with BodySlot(len) once it has read the client's
+//! bytes into that slot), and the daemon may answer with DataSlot(slot, len) instead of Data
+//! after copying response bytes into a free data slot. The socket still carries every frame,
+//! in order, so slot and inline frames mix freely, and either side may keep to inline frames.
 //! The body is pulled by the daemon, so neither side ever buffers a whole body, and an app that
 //! streams its answer while reading its input cannot deadlock the two sides. End names the
 //! daemon process's slot on the load board (see `crate::load`), so the worker can tell
@@ -42,6 +50,9 @@ pub enum Kind {
     End = 7,
     Fail = 8,
     Goodbye = 9,
+    Region = 10,
+    BodySlot = 11,
+    DataSlot = 12,
 }
 
 impl Kind {
@@ -56,6 +67,9 @@ impl Kind {
             7 => Kind::End,
             8 => Kind::Fail,
             9 => Kind::Goodbye,
+            10 => Kind::Region,
+            11 => Kind::BodySlot,
+            12 => Kind::DataSlot,
             _ => return None,
         })
     }
@@ -66,7 +80,8 @@ impl Kind {
             Kind::Request => MAX_ENVIRON,
             Kind::Body | Kind::Data => MAX_CHUNK,
             Kind::BodyEnd | Kind::Goodbye => 0,
-            Kind::ReadBody | Kind::End => 4,
+            Kind::ReadBody | Kind::End | Kind::Region | Kind::BodySlot => 4,
+            Kind::DataSlot => 8,
             Kind::Fail => 2,
             Kind::Headers => header_cap,
         }
@@ -297,6 +312,11 @@ const FILL: u32 = 1 << 31;
 /// bytes asked for, so the worker may announce the whole Body frame at once and stream it from
 /// the client piece by piece, with a small buffer (a body cut short is an error then).
 const KNOWN: u32 = 1 << 30;
+/// In a ReadBody payload: answer with BodySlot, the bytes in the shared body slot named by
+/// the `SLOT_INDEX` bit (at most `region::BODY_SLOT_LEN` of them).
+const IN_SLOT: u32 = 1 << 29;
+const SLOT_INDEX: u32 = 1 << 28;
+const ASK_FLAGS: u32 = FILL | KNOWN | IN_SLOT | SLOT_INDEX;
 
 /// What the daemon asks for in a ReadBody frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,15 +327,22 @@ pub struct BodyAsk {
     pub fill: bool,
     /// The body certainly has `max` more bytes (implies `fill`).
     pub known: bool,
+    /// Answer in this body slot of the shared region (0 or 1), not inline.
+    pub slot: Option<u8>,
 }
 
 pub fn encode_read_body(ask: BodyAsk) -> [u8; 4] {
-    let mut raw = ask.max & !(FILL | KNOWN);
+    let mut raw = ask.max & !ASK_FLAGS;
     if ask.fill || ask.known {
         raw |= FILL;
     }
     if ask.known {
         raw |= KNOWN;
+    }
+    match ask.slot {
+        Some(0) => raw |= IN_SLOT,
+        Some(_) => raw |= IN_SLOT | SLOT_INDEX,
+        None => {}
     }
     raw.to_le_bytes()
 }
@@ -323,9 +350,10 @@ pub fn encode_read_body(ask: BodyAsk) -> [u8; 4] {
 pub fn decode_read_body(payload: &[u8]) -> Result<BodyAsk, WireError> {
     let raw = decode_u32(Kind::ReadBody, payload)?;
     Ok(BodyAsk {
-        max: raw & !(FILL | KNOWN),
+        max: raw & !ASK_FLAGS,
         fill: raw & FILL != 0,
         known: raw & FILL != 0 && raw & KNOWN != 0,
+        slot: (raw & IN_SLOT != 0).then_some(u8::from(raw & SLOT_INDEX != 0)),
     })
 }
 
@@ -346,6 +374,83 @@ pub fn decode_u32(kind: Kind, payload: &[u8]) -> Result<u32, WireError> {
 pub fn decode_end(payload: &[u8]) -> Option<usize> {
     let raw: [u8; 4] = payload.try_into().ok()?;
     usize::try_from(u32::from_le_bytes(raw)).ok()
+}
+
+/// A DataSlot payload: which data slot holds the bytes, and how many there are.
+pub fn encode_data_slot(slot: u32, len: u32) -> [u8; 8] {
+    let mut raw = [0u8; 8];
+    raw[..4].copy_from_slice(&slot.to_le_bytes());
+    raw[4..].copy_from_slice(&len.to_le_bytes());
+    raw
+}
+
+/// Decodes a DataSlot payload, checked against the region's layout: the slot exists and the
+/// length fits in it.
+pub fn decode_data_slot(payload: &[u8]) -> Result<(usize, usize), WireError> {
+    let malformed = |what| WireError::Malformed {
+        kind: Kind::DataSlot,
+        what,
+    };
+    let raw: [u8; 8] = payload
+        .try_into()
+        .map_err(|_| malformed("expected a slot and a length"))?;
+    let [s0, s1, s2, s3, l0, l1, l2, l3] = raw;
+    let slot = u32::from_le_bytes([s0, s1, s2, s3]) as usize;
+    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+    if slot >= region::DATA_SLOTS {
+        return Err(malformed("no such data slot"));
+    }
+    if len == 0 || len > region::DATA_SLOT_LEN {
+        return Err(malformed("length does not fit the data slot"));
+    }
+    Ok((slot, len))
+}
+
+/// Decodes a BodySlot payload: how many bytes the body slot holds.
+pub fn decode_body_slot(payload: &[u8]) -> Result<usize, WireError> {
+    let len = decode_u32(Kind::BodySlot, payload)? as usize;
+    if len == 0 || len > region::BODY_SLOT_LEN {
+        return Err(WireError::Malformed {
+            kind: Kind::BodySlot,
+            what: "length does not fit the body slot",
+        });
+    }
+    Ok(len)
+}
+
+/// The layout of the region a worker shares with a daemon over one connection (see the
+/// module docs). Only offsets and sizes: mapping it is `crate::httpd::shm`'s job.
+pub mod region {
+    /// The first page holds one 4-byte state word per data slot (0: the daemon may fill it;
+    /// anything else: the worker may still be sending it) and, on its own cache line, the
+    /// word a daemon waiting for a free data slot sleeps on.
+    pub const CONTROL_LEN: usize = 4096;
+    /// Offset of the waiting word.
+    pub const WAITING_OFFSET: usize = 64;
+    pub const BODY_SLOTS: usize = 2;
+    pub const BODY_SLOT_LEN: usize = 256 * 1024;
+    pub const DATA_SLOTS: usize = 4;
+    pub const DATA_SLOT_LEN: usize = 64 * 1024;
+    pub const REGION_LEN: usize =
+        CONTROL_LEN + BODY_SLOTS * BODY_SLOT_LEN + DATA_SLOTS * DATA_SLOT_LEN;
+
+    /// Offset of data slot `slot`'s state word.
+    pub const fn state_offset(slot: usize) -> usize {
+        slot * 4
+    }
+
+    pub const fn body_slot_offset(slot: usize) -> usize {
+        CONTROL_LEN + slot * BODY_SLOT_LEN
+    }
+
+    pub const fn data_slot_offset(slot: usize) -> usize {
+        CONTROL_LEN + BODY_SLOTS * BODY_SLOT_LEN + slot * DATA_SLOT_LEN
+    }
+
+    const _: () = assert!(state_offset(DATA_SLOTS) <= WAITING_OFFSET);
+    const _: () = assert!(WAITING_OFFSET + 4 <= CONTROL_LEN);
+    const _: () = assert!(data_slot_offset(DATA_SLOTS) == REGION_LEN);
+    const _: () = assert!(REGION_LEN < u32::MAX as usize);
 }
 
 /// A Fail payload: the HTTP status the worker should answer with.
@@ -387,10 +492,14 @@ mod tests {
             Kind::End,
             Kind::Fail,
             Kind::Goodbye,
+            Kind::Region,
+            Kind::BodySlot,
+            Kind::DataSlot,
         ] {
             let payload: &[u8] = match kind {
                 Kind::BodyEnd | Kind::Goodbye => b"",
-                Kind::ReadBody | Kind::End => &[1, 0, 0, 0],
+                Kind::ReadBody | Kind::End | Kind::Region | Kind::BodySlot => &[1, 0, 0, 0],
+                Kind::DataSlot => &[1, 0, 0, 0, 2, 0, 0, 0],
                 Kind::Fail => &[244, 1],
                 _ => b"abc",
             };
@@ -456,7 +565,7 @@ mod tests {
     #[test]
     fn garbage_kind_is_an_error() {
         let mut buf = Vec::new();
-        for byte in [0u8, 10, 200, 255] {
+        for byte in [0u8, 13, 200, 255] {
             let err =
                 read_frame(&mut Cursor::new(vec![byte, 0, 0, 0, 0]), &mut buf, 1024).unwrap_err();
             assert!(matches!(err, WireError::UnknownKind(b) if b == byte));
@@ -528,16 +637,25 @@ mod tests {
                 max: 65536,
                 fill: true,
                 known: false,
+                slot: None,
             },
             BodyAsk {
                 max: 7,
                 fill: false,
                 known: false,
+                slot: Some(0),
             },
             BodyAsk {
                 max: 1 << 20,
                 fill: true,
                 known: true,
+                slot: Some(1),
+            },
+            BodyAsk {
+                max: region::BODY_SLOT_LEN as u32,
+                fill: true,
+                known: false,
+                slot: Some(1),
             },
         ] {
             assert_eq!(decode_read_body(&encode_read_body(ask)).unwrap(), ask);
@@ -547,6 +665,34 @@ mod tests {
         assert!(decode_status(&[1]).is_err());
         assert_eq!(decode_end(&encode_u32(3)), Some(3));
         assert_eq!(decode_end(b""), None);
+    }
+
+    #[test]
+    fn slot_frames_are_checked_against_the_layout() {
+        let last = region::DATA_SLOTS as u32 - 1;
+        let full = region::DATA_SLOT_LEN as u32;
+        assert_eq!(
+            decode_data_slot(&encode_data_slot(last, full)).unwrap(),
+            (last as usize, full as usize)
+        );
+        assert!(decode_data_slot(&encode_data_slot(last + 1, 1)).is_err());
+        assert!(decode_data_slot(&encode_data_slot(0, full + 1)).is_err());
+        assert!(decode_data_slot(&encode_data_slot(0, 0)).is_err());
+        assert!(decode_data_slot(&[0; 4]).is_err());
+        let body = region::BODY_SLOT_LEN as u32;
+        assert_eq!(decode_body_slot(&encode_u32(body)).unwrap(), body as usize);
+        assert!(decode_body_slot(&encode_u32(body + 1)).is_err());
+        assert!(decode_body_slot(&encode_u32(0)).is_err());
+        // The slots do not overlap each other or the control page.
+        assert!(region::body_slot_offset(0) >= region::CONTROL_LEN);
+        assert_eq!(
+            region::body_slot_offset(1) - region::body_slot_offset(0),
+            region::BODY_SLOT_LEN
+        );
+        assert_eq!(
+            region::data_slot_offset(0),
+            region::body_slot_offset(region::BODY_SLOTS)
+        );
     }
 
     /// A writer that accepts at most 3 bytes per call, to exercise partial vectored writes.

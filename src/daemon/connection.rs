@@ -3,13 +3,20 @@
 //! response frames. It serves one request at a time and is kept for the next when the last
 //! one ended cleanly (End or Fail sent). Plain blocking I/O; the Python layer calls it with
 //! the GIL released.
+//!
+//! When the worker shares a region (`crate::httpd::shm`), body pulls name a body slot and big
+//! response chunks go through free data slots, so those bytes cross no socket; a chunk for
+//! which no slot frees up in time goes inline, as without a region.
 
 #![forbid(unsafe_code)]
 
-use std::io::{self, BufReader, IoSlice, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
-use crate::wire::{self, Kind, WireError};
+use crate::httpd::shm::{self, Region};
+use crate::wire::{self, region, Kind, WireError};
 
 /// How much body one pull asks the worker for, at least.
 const PULL_SIZE: usize = 64 * 1024;
@@ -23,15 +30,53 @@ const IDLE_KEEP: usize = 64 * 1024;
 /// Frames smaller than this wait in `out` until a flush, so a small response (headers, body
 /// and End) leaves in one write.
 const OUT_CAP: usize = 64 * 1024;
+/// Response chunks this big or bigger go through a data slot when the region has one free;
+/// smaller ones are cheaper to batch inline.
+const SLOT_MIN: usize = 8 * 1024;
+/// How long a response chunk waits for the worker to free a data slot before it goes inline.
+/// After one such wait the response stops waiting (something on the worker's side keeps
+/// the slots, say a filter that holds the whole body) and takes only slots already free.
+const SLOT_WAIT: Duration = Duration::from_millis(50);
+
+/// The socket, read with recvmsg so that a descriptor the worker sends (the region's memfd)
+/// is kept rather than dropped by the kernel.
+struct Socket {
+    stream: UnixStream,
+    fds: Vec<OwnedFd>,
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        shm::recv_with_fds(&self.stream, buf, &mut self.fds)
+    }
+}
+
+/// Buffered body bytes that are still in a body slot of the region.
+#[derive(Debug, Clone, Copy)]
+struct SlotInput {
+    slot: usize,
+    pos: usize,
+    end: usize,
+}
 
 pub struct Connection {
     /// Reads go through a buffer (a frame header and its payload usually arrive together);
     /// writes go to the stream itself, batched in `out`.
-    reader: BufReader<UnixStream>,
+    reader: BufReader<Socket>,
     out: Vec<u8>,
     frame: Vec<u8>,
     input: Vec<u8>,
     input_pos: usize,
+    /// When set, the buffered input is in a body slot, and `input` is empty.
+    input_slot: Option<SlotInput>,
+    /// The body slot the outstanding ReadBody named, if it named one.
+    asked_slot: Option<usize>,
+    /// The region the worker shares, once mapped (see `accept_region`).
+    region: Option<Region>,
+    /// A region the worker offered with this request, not mapped yet.
+    offered_region: Option<OwnedFd>,
+    /// This response already waited once for a data slot in vain: it takes only free ones.
+    slot_wait_failed: bool,
     body_done: bool,
     /// CONTENT_LENGTH still unread; None when the request gave none (chunked).
     body_left: Option<u64>,
@@ -51,11 +96,22 @@ pub struct Connection {
 impl Connection {
     pub fn new(stream: UnixStream, slot: u32) -> Connection {
         Connection {
-            reader: BufReader::with_capacity(READ_BUFFER, stream),
+            reader: BufReader::with_capacity(
+                READ_BUFFER,
+                Socket {
+                    stream,
+                    fds: Vec::new(),
+                },
+            ),
             out: Vec::new(),
             frame: Vec::new(),
             input: Vec::new(),
             input_pos: 0,
+            input_slot: None,
+            asked_slot: None,
+            region: None,
+            offered_region: None,
+            slot_wait_failed: false,
             body_done: false,
             body_left: None,
             headers_sent: false,
@@ -68,10 +124,14 @@ impl Connection {
     }
 
     /// Reads the next Request frame; the returned payload holds the environ pairs. Resets
-    /// everything the previous request on this connection left.
+    /// everything the previous request on this connection left. A Region frame before it is
+    /// kept for `accept_region`.
     pub fn read_request(&mut self) -> Result<Vec<u8>, WireError> {
         self.input.clear();
         self.input_pos = 0;
+        self.input_slot = None;
+        self.asked_slot = None;
+        self.slot_wait_failed = false;
         self.body_done = false;
         self.body_left = None;
         self.headers_sent = false;
@@ -79,13 +139,45 @@ impl Connection {
         self.finished = false;
         self.ahead = false;
         let mut payload = Vec::new();
-        match wire::read_frame(&mut self.reader, &mut payload, 0)? {
-            Kind::Request => Ok(payload),
-            got => Err(WireError::Unexpected {
-                expected: "a Request frame",
-                got,
-            }),
+        loop {
+            match wire::read_frame(&mut self.reader, &mut payload, 0)? {
+                Kind::Request => return Ok(payload),
+                Kind::Region if self.region.is_none() => {
+                    // The descriptor came with the frame's first bytes; anything sent before
+                    // it is not ours to keep.
+                    let fds = &mut self.reader.get_mut().fds;
+                    self.offered_region = fds.pop();
+                    fds.clear();
+                    if self.offered_region.is_none() {
+                        return Err(WireError::Malformed {
+                            kind: Kind::Region,
+                            what: "no descriptor came with it",
+                        });
+                    }
+                }
+                got => {
+                    return Err(WireError::Unexpected {
+                        expected: "a Request frame",
+                        got,
+                    })
+                }
+            }
         }
+    }
+
+    /// Maps the region the worker offered with this request (called once the request's
+    /// origin is validated). On an error the connection goes on without it.
+    pub fn accept_region(&mut self) -> io::Result<()> {
+        let Some(fd) = self.offered_region.take() else {
+            return Ok(());
+        };
+        self.region = Some(Region::map(&fd)?);
+        Ok(())
+    }
+
+    /// True once a shared region is in use on this connection.
+    pub fn has_region(&self) -> bool {
+        self.region.is_some()
     }
 
     /// Queues a frame, writing it (with everything queued before it) when `flush` is set or
@@ -98,7 +190,7 @@ impl Connection {
             return Ok(());
         }
         let mut out = std::mem::take(&mut self.out);
-        let result = write_all_slices(self.reader.get_ref(), &[&out, &header, payload]);
+        let result = write_all_slices(self.stream(), &[&out, &header, payload]);
         out.clear();
         self.out = out;
         self.note_write(result)
@@ -134,12 +226,24 @@ impl Connection {
     }
 
     fn buffered(&self) -> &[u8] {
-        &self.input[self.input_pos..]
+        match (self.input_slot, &self.region) {
+            (Some(input), Some(region)) => &region.body_slot(input.slot)[input.pos..input.end],
+            _ => &self.input[self.input_pos..],
+        }
     }
 
     /// Hands the next `n` buffered bytes (fewer if fewer are buffered) to `take`, then drops
     /// them from the buffer. The caller copies them once, straight into what it returns.
     pub fn take_ready<T>(&mut self, n: usize, take: impl FnOnce(&[u8]) -> T) -> T {
+        if let (Some(input), Some(region)) = (self.input_slot.as_mut(), &self.region) {
+            let end = (input.pos + n).min(input.end);
+            let taken = take(&region.body_slot(input.slot)[input.pos..end]);
+            input.pos = end;
+            if input.pos == input.end {
+                self.input_slot = None;
+            }
+            return taken;
+        }
         let end = (self.input_pos + n).min(self.input.len());
         let taken = take(&self.input[self.input_pos..end]);
         self.input_pos = end;
@@ -158,19 +262,15 @@ impl Connection {
             return Ok(false);
         }
         if !self.ahead {
-            let mut ask = want.clamp(PULL_SIZE, wire::MAX_CHUNK);
+            let mut ask = want.clamp(PULL_SIZE, self.pull_cap());
             if let Some(left) = self.body_left {
                 ask = ask.min(usize::try_from(left).unwrap_or(usize::MAX));
             }
             // Asking for more than the app wants (the PULL_SIZE floor) is fine, waiting for it
             // is not.
             let fill = exact && ask <= want;
-            let ask = wire::BodyAsk {
-                max: ask as u32,
-                fill,
-                known: fill && self.body_left.is_some(),
-            };
-            self.send_frame(Kind::ReadBody, &wire::encode_read_body(ask), true)?;
+            let known = fill && self.body_left.is_some();
+            self.ask_body(ask, fill, known)?;
         }
         self.ahead = false;
         let filled = self.receive_body()?;
@@ -197,15 +297,36 @@ impl Connection {
         {
             return Ok(());
         }
-        let ask = left.min(READ_AHEAD) as u32;
-        let ask = wire::BodyAsk {
-            max: ask,
-            fill: true,
-            known: true,
-        };
-        self.send_frame(Kind::ReadBody, &wire::encode_read_body(ask), true)?;
+        let ask = left.min(READ_AHEAD).min(self.pull_cap() as u64) as usize;
+        self.ask_body(ask, true, true)?;
         self.ahead = true;
         Ok(())
+    }
+
+    /// The most one body pull asks for: a body slot with a region, a frame without.
+    fn pull_cap(&self) -> usize {
+        if self.region.is_some() {
+            region::BODY_SLOT_LEN
+        } else {
+            wire::MAX_CHUNK
+        }
+    }
+
+    /// Sends a ReadBody. With a region it names the body slot the buffered input is not in
+    /// (at most one slot holds buffered input, the one the last answer came in).
+    fn ask_body(&mut self, max: usize, fill: bool, known: bool) -> io::Result<()> {
+        let slot = self.region.as_ref().map(|_| match self.input_slot {
+            Some(input) => 1 - input.slot,
+            None => 0,
+        });
+        self.asked_slot = slot;
+        let ask = wire::BodyAsk {
+            max: max as u32,
+            fill,
+            known,
+            slot: slot.map(|s| s as u8),
+        };
+        self.send_frame(Kind::ReadBody, &wire::encode_read_body(ask), true)
     }
 
     /// Reads the answer to a piece asked for ahead that the app never read, so the
@@ -216,7 +337,7 @@ impl Connection {
             let read = wire::read_frame(&mut self.reader, &mut discard, 0);
             self.frame = discard;
             match read {
-                Ok(Kind::Body | Kind::BodyEnd) => {}
+                Ok(Kind::Body | Kind::BodyEnd | Kind::BodySlot) => {}
                 Ok(_) => return Err(io::Error::other("expected a Body frame")),
                 Err(WireError::Io(e)) => return Err(e),
                 Err(e) => return Err(io::Error::other(e.to_string())),
@@ -228,29 +349,46 @@ impl Connection {
     /// Reads the worker's answer to a ReadBody into the input buffer; false at the end of the
     /// body.
     fn receive_body(&mut self) -> Result<bool, WireError> {
-        match wire::read_frame(&mut self.reader, &mut self.frame, 0)? {
+        let kind = wire::read_frame(&mut self.reader, &mut self.frame, 0)?;
+        let asked_slot = self.asked_slot.take();
+        match kind {
             Kind::Body if !self.frame.is_empty() => {
-                let mut got = self.frame.len();
-                if let Some(left) = self.body_left.as_mut() {
-                    // Never hand the app bytes beyond CONTENT_LENGTH.
-                    got = got.min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    *left -= got as u64;
-                    if *left == 0 {
-                        self.body_done = true;
-                    }
-                }
-                if self.input.is_empty() {
+                let got = self.count_body(self.frame.len());
+                if self.buffered().is_empty() {
                     // Nothing buffered: the frame becomes the buffer, without a copy.
+                    self.input_slot = None;
                     self.frame.truncate(got);
                     std::mem::swap(&mut self.input, &mut self.frame);
                     self.input_pos = 0;
                     return Ok(true);
                 }
-                if self.input_pos > 0 {
-                    self.input.drain(..self.input_pos);
-                    self.input_pos = 0;
-                }
+                self.unslot_input();
                 self.input.extend_from_slice(&self.frame[..got]);
+                Ok(true)
+            }
+            Kind::BodySlot => {
+                let (Some(slot), true) = (asked_slot, self.region.is_some()) else {
+                    return Err(WireError::Unexpected {
+                        expected: "a Body frame (no body slot was asked for)",
+                        got: kind,
+                    });
+                };
+                let got = self.count_body(wire::decode_body_slot(&self.frame)?);
+                if self.buffered().is_empty() {
+                    // Nothing buffered: the slot becomes the buffer, without a copy.
+                    self.input.clear();
+                    self.input_pos = 0;
+                    self.input_slot = (got > 0).then_some(SlotInput {
+                        slot,
+                        pos: 0,
+                        end: got,
+                    });
+                    return Ok(got > 0 || !self.body_done);
+                }
+                self.unslot_input();
+                if let Some(region) = &self.region {
+                    self.input.extend_from_slice(&region.body_slot(slot)[..got]);
+                }
                 Ok(true)
             }
             Kind::Body | Kind::BodyEnd => {
@@ -261,6 +399,34 @@ impl Connection {
                 expected: "a Body frame",
                 got,
             }),
+        }
+    }
+
+    /// Counts `len` body bytes just received against CONTENT_LENGTH: how many of them the app
+    /// may see (never bytes beyond CONTENT_LENGTH).
+    fn count_body(&mut self, len: usize) -> usize {
+        let mut got = len;
+        if let Some(left) = self.body_left.as_mut() {
+            got = got.min(usize::try_from(*left).unwrap_or(usize::MAX));
+            *left -= got as u64;
+            if *left == 0 {
+                self.body_done = true;
+            }
+        }
+        got
+    }
+
+    /// Moves buffered input out of its body slot (if it is in one) into `input`, compacted,
+    /// so more can be appended and the slot can be named again.
+    fn unslot_input(&mut self) {
+        if let (Some(input), Some(region)) = (self.input_slot.take(), &self.region) {
+            self.input.clear();
+            self.input
+                .extend_from_slice(&region.body_slot(input.slot)[input.pos..input.end]);
+            self.input_pos = 0;
+        } else if self.input_pos > 0 {
+            self.input.drain(..self.input_pos);
+            self.input_pos = 0;
         }
     }
 
@@ -370,16 +536,54 @@ impl Connection {
 
     /// Sends body bytes; with `flush` they (and anything queued) leave now, which a streamed
     /// response needs, otherwise they may wait for the End frame (a list of small chunks).
+    /// With a region, big chunks go through data slots (each DataSlot frame leaves at once:
+    /// the worker frees the slot only after it has seen it).
     pub fn send_data(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
-        for chunk in data.chunks(wire::MAX_CHUNK) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            if let Some((slot, copied)) = self.fill_data_slot(rest) {
+                let payload = wire::encode_data_slot(slot as u32, copied as u32);
+                self.send_frame(Kind::DataSlot, &payload, true)?;
+                rest = &rest[copied..];
+                continue;
+            }
+            // Without a slot, a region keeps inline frames slot-sized so that the next chunk
+            // can try a slot again soon.
+            let cap = if self.region.is_some() {
+                region::DATA_SLOT_LEN
+            } else {
+                wire::MAX_CHUNK
+            };
+            let (chunk, after) = rest.split_at(rest.len().min(cap));
             self.send_frame(Kind::Data, chunk, flush)?;
+            rest = after;
         }
         Ok(())
+    }
+
+    /// Copies the start of `data` into a free data slot, when there is a region, the data is
+    /// big enough to be worth it and a slot frees up in time: the slot and the bytes copied.
+    fn fill_data_slot(&mut self, data: &[u8]) -> Option<(usize, usize)> {
+        let region = self.region.as_ref().filter(|_| data.len() >= SLOT_MIN)?;
+        let slot = if self.slot_wait_failed {
+            region.claim_data_slot()
+        } else {
+            let slot = region.wait_for_data_slot(SLOT_WAIT);
+            self.slot_wait_failed = slot.is_none();
+            slot
+        }?;
+        Some((slot, region.fill_data_slot(slot, data)))
     }
 
     /// Sends every chunk of a complete response body (a list the app returned) in as few
     /// writes as the kernel allows, with whatever was queued before them.
     pub fn send_data_all(&mut self, chunks: &[&[u8]]) -> io::Result<()> {
+        if self.region.is_some() && chunks.iter().any(|chunk| chunk.len() >= SLOT_MIN) {
+            for chunk in chunks {
+                self.send_data(chunk, false)?;
+            }
+            return Ok(());
+        }
         let pieces: Vec<&[u8]> = chunks
             .iter()
             .flat_map(|chunk| chunk.chunks(wire::MAX_CHUNK))
@@ -396,7 +600,7 @@ impl Connection {
             slices.push(header);
             slices.push(piece);
         }
-        let result = write_all_slices(self.reader.get_ref(), &slices);
+        let result = write_all_slices(self.stream(), &slices);
         drop(slices);
         let mut out = out;
         out.clear();
@@ -436,7 +640,7 @@ impl Connection {
 
     /// The descriptor, for the idle set.
     pub fn stream(&self) -> &UnixStream {
-        self.reader.get_ref()
+        &self.reader.get_ref().stream
     }
 
     /// Closes an idle connection, telling the worker first that its request (if one is on
@@ -567,5 +771,125 @@ mod tests {
         assert_eq!(got, body);
         drop(conn);
         worker.join().unwrap();
+    }
+
+    /// Opens a connection the way a worker does: a Region frame carrying the memfd, then a
+    /// Request. Returns the daemon's connection (region accepted) and the worker's side.
+    fn connection_with_region() -> (Connection, UnixStream, Region) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (region, fd) = Region::create().unwrap();
+        let mut frame = Vec::new();
+        let len = wire::encode_u32(region::REGION_LEN as u32);
+        wire::write_frame(&mut frame, Kind::Region, &len).unwrap();
+        let fds = [fd.as_raw_fd()];
+        let sent = sendmsg::<()>(
+            b.as_raw_fd(),
+            &[IoSlice::new(&frame)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(sent, frame.len());
+        wire::write_frame(&mut b, Kind::Request, b"environ").unwrap();
+        let mut conn = Connection::new(a, 0);
+        assert_eq!(conn.read_request().unwrap(), b"environ");
+        assert!(!conn.has_region(), "mapped only once the origin is checked");
+        conn.accept_region().unwrap();
+        assert!(conn.has_region());
+        (conn, b, region)
+    }
+
+    #[test]
+    fn body_comes_through_alternating_body_slots() {
+        let (mut conn, mut worker, region) = connection_with_region();
+        // Every byte differs from its neighbours' slot-sized offsets, so a slot overwritten
+        // while the daemon still reads it shows up as wrong bytes.
+        let body: Vec<u8> = (0..700_001u32).map(|i| (i % 253) as u8).collect();
+        let expected = body.clone();
+        let feeder = std::thread::spawn(move || {
+            let mut frame = Vec::new();
+            let mut sent = 0;
+            let mut named = Vec::new();
+            while let Ok(kind) = wire::read_frame(&mut worker, &mut frame, 0) {
+                assert_eq!(kind, Kind::ReadBody);
+                let ask = wire::decode_read_body(&frame).unwrap();
+                let slot = usize::from(ask.slot.expect("with a region, asks name a slot"));
+                named.push(slot);
+                let n = (ask.max as usize)
+                    .min(region::BODY_SLOT_LEN)
+                    .min(body.len() - sent);
+                if n == 0 {
+                    wire::write_frame(&mut worker, Kind::BodyEnd, b"").unwrap();
+                    continue;
+                }
+                region.copy_into_body_slot(slot, 0, &body[sent..sent + n]);
+                sent += n;
+                wire::write_frame(&mut worker, Kind::BodySlot, &wire::encode_u32(n as u32))
+                    .unwrap();
+            }
+            named
+        });
+        conn.set_content_length(Some(expected.len() as u64));
+        let mut got = conn.readline(Some(10)).unwrap();
+        for size in [1, 65_536, 300_000, 7].iter().cycle() {
+            let chunk = conn.read(Some(*size)).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "the body arrived altered");
+        drop(conn);
+        let named = feeder.join().unwrap();
+        assert!(named.contains(&0) && named.contains(&1), "{named:?}");
+    }
+
+    #[test]
+    fn big_response_chunks_go_through_data_slots_and_inline_when_none_frees() {
+        let (mut conn, mut worker, region) = connection_with_region();
+        let data: Vec<u8> = (0..(region::DATA_SLOTS * region::DATA_SLOT_LEN + 70_000) as u32)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        conn.set_pending_headers(Vec::new());
+        assert!(conn.flush_headers().unwrap());
+        // The worker holds every slot it is given: once they are all taken, the daemon waits
+        // SLOT_WAIT for one, then sends the rest inline.
+        let sender = std::thread::spawn(move || {
+            conn.send_data(&data, true).unwrap();
+            conn.send_data(&data[..20_000], true).unwrap();
+            conn.send_end().unwrap();
+            data
+        });
+        let mut frame = Vec::new();
+        let mut got = Vec::new();
+        let (mut in_slots, mut inline) = (0, 0);
+        loop {
+            match wire::read_frame(&mut worker, &mut frame, 1 << 20).unwrap() {
+                Kind::Headers => {}
+                Kind::DataSlot => {
+                    let (slot, len) = wire::decode_data_slot(&frame).unwrap();
+                    got.extend(region.copy_from_data_slot(slot, len));
+                    in_slots += 1;
+                }
+                Kind::Data => {
+                    got.extend_from_slice(&frame);
+                    inline += 1;
+                }
+                Kind::End => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let data = sender.join().unwrap();
+        let mut expected = data.clone();
+        expected.extend_from_slice(&data[..20_000]);
+        assert!(got == expected, "the response arrived altered");
+        assert_eq!(in_slots, region::DATA_SLOTS);
+        // The first chunk's last 70 000 bytes (in slot-sized frames: 65 536 and 4 464), then
+        // the second chunk, which no longer waits.
+        assert_eq!(inline, 3);
     }
 }

@@ -720,6 +720,16 @@ impl Dispatcher {
             refuse_origin(group, &err);
             return None;
         }
+        // Only a validated worker's region is mapped. Without it the connection still works,
+        // with every body byte inline.
+        if let Err(err) = conn.accept_region() {
+            wsgi_log!(
+                Level::Warn,
+                "WSGIRS0448: [{name}] Could not map the memory the Apache worker shares for \
+                 request and response bodies ({err}); this connection sends them over its \
+                 socket instead."
+            );
+        }
         // From here until it ends, the request counts as busy (waiting for the GIL in the
         // pending queue or running), and its worker's claim is no longer needed.
         if let Some(slot) = self.load {

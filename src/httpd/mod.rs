@@ -1,10 +1,20 @@
 //! The unsafe boundary: the only code that touches httpd/APR types. Everything here converts
-//! pointers, calls safe code in the rest of the crate, and maps results back to C.
+//! pointers, calls safe code in the rest of the crate, and maps results back to C. `shm`, the
+//! memory a worker shares with a daemon, is here for the same reason: raw memory access.
 
+// Everything but `shm` needs httpd's symbols, which `cargo test` does not link.
+#[cfg(not(test))]
 pub mod children;
+#[cfg(not(test))]
 pub mod directives;
+#[cfg(not(test))]
 pub mod ffi;
+#[cfg(not(test))]
 pub mod log;
+#[cfg(not(test))]
 pub mod module;
+#[cfg(not(test))]
 pub mod pool;
+#[cfg(not(test))]
 pub mod request;
+pub mod shm;

@@ -2,8 +2,9 @@
 //! script, `handler` checks the script, picks the daemon group, builds the environ and hands
 //! the request to `proxy::forward`, with `ApacheClient` as its view of the client.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_long};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use super::ffi;
 use super::log::request_log;
@@ -570,6 +571,62 @@ impl Client for ApacheClient {
         }
     }
 
+    /// Reads straight into the shared body slot: the client's bytes are copied once, by
+    /// Apache, on their way to the daemon.
+    fn read_body_into(
+        &mut self,
+        slot: proxy::BodySlot<'_>,
+        offset: usize,
+        max: usize,
+    ) -> Result<usize, ClientError> {
+        if !self.started_body() {
+            return Ok(0);
+        }
+        let max = max.min(proxy::BodySlot::LEN.saturating_sub(offset));
+        // SAFETY: live request; offset + max lies inside the slot (clamped above), which stays
+        // mapped while `slot` borrows the region. The daemon does not touch the slot until it
+        // has this answer (and if it broke that rule, it could only garble its own body).
+        let n: c_long =
+            unsafe { ffi::ap_get_client_block(self.r, slot.as_mut_ptr().add(offset).cast(), max) };
+        usize::try_from(n)
+            .map_err(|_| ClientError::Read("the client's request body could not be read".into()))
+    }
+
+    /// Hands the data slot to the output filters as a heap bucket, without a copy; the
+    /// lease, kept in `SLOT_LEASES` under the slot's address, is dropped by `free_slot` once
+    /// Apache is done with the bytes, which hands the slot back to the daemon.
+    fn write_slot(&mut self, lease: proxy::SlotLease, len: usize) -> Result<(), ClientError> {
+        if self.redirect.is_some() {
+            return Ok(());
+        }
+        let len = len.min(proxy::SlotLease::LEN);
+        let data = lease.as_ptr().cast_mut();
+        slot_leases().insert(data as usize, lease);
+        // SAFETY: live request and connection; the brigade lives in the request pool. The
+        // bucket's bytes stay mapped and unchanged by the daemon while the lease is held, and
+        // free_slot drops the lease once, when the bucket is destroyed.
+        unsafe {
+            let r = self.r;
+            let alloc = (*(*r).connection).bucket_alloc;
+            if self.brigade.is_null() {
+                self.brigade = ffi::apr_brigade_create((*r).pool, alloc);
+            }
+            let bucket = ffi::apr_bucket_heap_create(data.cast(), len, Some(free_slot), alloc);
+            if bucket.is_null() {
+                free_slot(data.cast());
+                return Err(ClientError::Gone("no memory for an output bucket".into()));
+            }
+            ffi::brigade_insert_tail(self.brigade, bucket);
+            let status = ffi::ap_pass_brigade((*r).output_filters, self.brigade);
+            ffi::apr_brigade_cleanup(self.brigade.cast());
+            if status == ffi::APR_SUCCESS as ffi::apr_status_t {
+                Ok(())
+            } else {
+                Err(ClientError::Gone("the client closed the connection".into()))
+            }
+        }
+    }
+
     fn flush(&mut self) -> Result<(), ClientError> {
         if self.redirect.is_some() {
             return Ok(());
@@ -592,6 +649,28 @@ unsafe extern "C" fn free_piece(data: *mut std::ffi::c_void) {
     // SAFETY: see above: this is the box write_piece let go of, with its length.
     let piece = unsafe { Box::from_raw(slice) };
     guarded((), || proxy::give_back_piece(piece));
+}
+
+/// The leases of the data slots Apache's output filters are sending from, by slot address.
+fn slot_leases() -> std::sync::MutexGuard<'static, HashMap<usize, proxy::SlotLease>> {
+    static LEASES: OnceLock<Mutex<HashMap<usize, proxy::SlotLease>>> = OnceLock::new();
+    LEASES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// A heap bucket's free function for the data slots `write_slot` hands over: gives the slot
+/// back to its daemon.
+///
+/// # Safety
+/// `data` must be the address of a slot `write_slot` registered, once.
+unsafe extern "C" fn free_slot(data: *mut std::ffi::c_void) {
+    guarded((), || {
+        // Taken out under the lock, dropped after it: the drop may wake the daemon.
+        let lease = slot_leases().remove(&(data as usize));
+        drop(lease);
+    });
 }
 
 impl ApacheClient {

@@ -131,6 +131,27 @@ pub(super) fn readable(stream: &UnixStream) -> bool {
     matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
+/// Writes `bytes` (a whole frame) to the daemon with `fd` attached to them (SCM_RIGHTS).
+pub(super) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: &OwnedFd) -> io::Result<()> {
+    let fds = [fd.as_raw_fd()];
+    let sent = loop {
+        match socket::sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &[socket::ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            Err(errno) => return Err(errno.into()),
+            Ok(n) => break n,
+        }
+    };
+    // The descriptor went with the first byte; the rest (if the kernel took only part) is
+    // plain data.
+    Sender(stream).write_all(&bytes[sent.min(bytes.len())..])
+}
+
 /// Writes to the daemon with MSG_NOSIGNAL, so a daemon that died gives EPIPE rather than a
 /// SIGPIPE that would kill the Apache child if the signal were not ignored.
 pub(super) struct Sender<'a>(pub(super) &'a UnixStream);

@@ -6,7 +6,9 @@
 //!
 //! Memory per request is bounded whatever the body sizes: one buffer for incoming frames and
 //! one for outgoing Body frames (each at most `wire::MAX_CHUNK` or header-buffer-size bytes,
-//! reused for every frame), plus a fixed read buffer on the socket.
+//! reused for every frame), plus a fixed read buffer on the socket, plus the connection's
+//! shared region (`region`): when the daemon has mapped it, big body bytes travel in its
+//! slots and only small frames cross the socket.
 //!
 //! **When the client is flushed.** Data frames are handed to [`Client::write_body`] as they
 //! arrive (Apache's output filters send them once they fill their own buffers). We additionally
@@ -26,14 +28,18 @@ mod connect;
 mod error;
 mod pieces;
 mod pool;
+mod region;
 
 pub use error::{ProxyError, TruncatedWhy};
 pub use pieces::{give_back as give_back_piece, PIECE};
 pub use pool::Pool;
+pub use region::{BodySlot, SlotLease};
 
 use std::io::{self, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::load::LoadBoard;
@@ -44,6 +50,7 @@ use crate::wsgi_log;
 use connect::Sender;
 use error::escape;
 use pool::Idle;
+use region::WorkerRegion;
 
 /// The most response body read from the daemon before it goes to the client (a bigger Data
 /// frame is relayed in pieces).
@@ -77,6 +84,26 @@ pub trait Client {
         let result = self.write_body(&piece[..len.min(piece.len())]);
         pieces::give_back(piece);
         result
+    }
+    /// Reads up to `max` bytes of the body (like `read_body`) into `slot` at `offset`; `max`
+    /// fits the slot. By default through a private buffer.
+    fn read_body_into(
+        &mut self,
+        slot: BodySlot<'_>,
+        offset: usize,
+        max: usize,
+    ) -> Result<usize, ClientError> {
+        let mut buf = vec![0; max.min(BodySlot::LEN.saturating_sub(offset))];
+        let n = self.read_body(&mut buf)?;
+        Ok(slot.copy_in(offset, &buf[..n.min(buf.len())]))
+    }
+    /// Sends the first `len` bytes of a data slot. A client that can send straight from the
+    /// slot keeps the lease until it is written; by default the bytes are copied and the slot
+    /// is released at once.
+    fn write_slot(&mut self, lease: SlotLease, len: usize) -> Result<(), ClientError> {
+        let data = lease.copy(len);
+        drop(lease);
+        self.write_body(&data)
     }
     /// Push anything buffered to the client (called when the daemon has nothing more queued).
     fn flush(&mut self) -> Result<(), ClientError>;
@@ -196,7 +223,8 @@ pub fn forward(
     }
 }
 
-/// A new connection to the group, with its deadlines set.
+/// A new connection to the group, with its deadlines set and a region shared with the
+/// daemon process that takes it (the Region frame goes ahead of the first request).
 fn open(target: &Target<'_>) -> Result<Idle, ProxyError> {
     let stream = connect::connect(target)?;
     let timeout = (!target.socket_timeout.is_zero()).then_some(target.socket_timeout);
@@ -209,7 +237,39 @@ fn open(target: &Target<'_>) -> Result<Idle, ProxyError> {
             during: "setting the socket timeouts",
             source,
         })?;
-    Ok(Idle { stream, slot: None })
+    let region = match WorkerRegion::create() {
+        Ok((region, fd)) => {
+            let mut frame = Vec::with_capacity(wire::HEADER_LEN + 4);
+            let length = wire::encode_u32(wire::region::REGION_LEN as u32);
+            wire::write_frame(&mut frame, Kind::Region, &length)
+                .and_then(|()| connect::send_with_fd(&stream, &frame, &fd))
+                .map_err(|source| ProxyError::SendRequest {
+                    group: target.group.to_owned(),
+                    path: target.socket_path.to_owned(),
+                    script: target.script.to_owned(),
+                    source,
+                })?;
+            Some(region)
+        }
+        Err(err) => {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                wsgi_log!(
+                    Level::Warn,
+                    "WSGIRS0322: Could not create the memory shared with daemon process '{}' \
+                     ({err}); request and response bodies go over the socket instead (logged \
+                     once per Apache child).",
+                    target.group
+                );
+            }
+            None
+        }
+    };
+    Ok(Idle {
+        stream,
+        slot: None,
+        region,
+    })
 }
 
 /// How one attempt over one connection ended.
@@ -246,6 +306,7 @@ fn exchange(
         reader: BufReader::with_capacity(READ_BUFFER, &conn.stream),
         payload: Vec::new(),
         body: BodyBuffer(None),
+        region: conn.region.as_ref(),
         headers_sent: false,
         body_done: false,
         unflushed: false,
@@ -265,6 +326,7 @@ fn exchange(
     let keep = clean.then_some(Idle {
         stream: conn.stream,
         slot,
+        region: conn.region,
     });
     Ok(Exchange::Done(outcome, keep))
 }
@@ -298,6 +360,8 @@ struct Relay<'t, 's> {
     payload: Vec<u8>,
     /// Each Body frame we send.
     body: BodyBuffer,
+    /// The region shared with the daemon on this connection, if any.
+    region: Option<&'s Arc<WorkerRegion>>,
     headers_sent: bool,
     /// The client's body reached its end (every later ReadBody gets BodyEnd).
     body_done: bool,
@@ -331,6 +395,10 @@ impl Relay<'_, '_> {
             let first = !std::mem::replace(&mut self.answered, true);
             if kind == Kind::Data && self.headers_sent {
                 self.relay_data(client, len)?;
+                continue;
+            }
+            if kind == Kind::DataSlot && self.headers_sent {
+                self.relay_data_slot(client, len)?;
                 continue;
             }
             if let Err(e) = wire::read_payload(&mut self.reader, len, &mut self.payload) {
@@ -407,6 +475,9 @@ impl Relay<'_, '_> {
         let max = usize::try_from(ask.max)
             .unwrap_or(usize::MAX)
             .min(wire::MAX_CHUNK);
+        if let Some(slot) = ask.slot {
+            return self.fill_body_slot(client, usize::from(slot), max, ask.fill);
+        }
         if ask.known && !self.body_done && max > 0 {
             return self.stream_body(client, max);
         }
@@ -424,6 +495,45 @@ impl Relay<'_, '_> {
         };
         wire::write_frame(&mut Sender(self.stream), kind, &self.body.get()[..got])
             .map_err(|e| self.write_failed(e, "sending the request body"))
+    }
+
+    /// Answers a ReadBody that names a body slot: the client's bytes go into the slot (what
+    /// one read gives, or with `fill` up to `max` or the end of the body), and the daemon gets
+    /// BodySlot(len), or BodyEnd at the end of the body.
+    fn fill_body_slot(
+        &mut self,
+        client: &mut impl Client,
+        slot: usize,
+        max: usize,
+        fill: bool,
+    ) -> Result<(), ProxyError> {
+        let Some(region) = self.region else {
+            return Err(self.protocol(
+                "a ReadBody named a body slot, but this connection shares no region".to_string(),
+            ));
+        };
+        let want = max.min(BodySlot::LEN);
+        let mut got = 0;
+        while got < want && !self.body_done {
+            match client.read_body_into(region.body_slot(slot), got, want - got) {
+                Ok(0) => self.body_done = true,
+                Ok(n) => got += n.min(want - got),
+                Err(e) => return Err(self.client_read_failed(e)),
+            }
+            if !fill {
+                break;
+            }
+        }
+        let sent = if got == 0 {
+            wire::write_frame(&mut Sender(self.stream), Kind::BodyEnd, b"")
+        } else {
+            wire::write_frame(
+                &mut Sender(self.stream),
+                Kind::BodySlot,
+                &wire::encode_u32(got as u32),
+            )
+        };
+        sent.map_err(|e| self.write_failed(e, "sending the request body"))
     }
 
     /// Reads up to `want` (at most BODY_PIECE) bytes of the client's body into `body`: what one
@@ -560,6 +670,37 @@ impl Relay<'_, '_> {
             }
             self.unflushed = true;
         }
+        Ok(())
+    }
+
+    /// Relays a DataSlot frame: the daemon put the bytes in a data slot, which Apache sends
+    /// from and then releases.
+    fn relay_data_slot(&mut self, client: &mut impl Client, len: usize) -> Result<(), ProxyError> {
+        if let Err(e) = wire::read_payload(&mut self.reader, len, &mut self.payload) {
+            return Err(self.read_failed(e));
+        }
+        let (slot, len) = match wire::decode_data_slot(&self.payload) {
+            Ok(decoded) => decoded,
+            Err(e) => return Err(self.protocol(e.to_string())),
+        };
+        let Some(region) = self.region else {
+            return Err(self.protocol(
+                "a DataSlot frame came over a connection that shares no region".to_string(),
+            ));
+        };
+        let Some(lease) = region.lease(slot) else {
+            return Err(self.protocol(format!(
+                "a DataSlot frame named data slot {slot}, which Apache is still sending from"
+            )));
+        };
+        let allowed = self.allowed_len(len);
+        if allowed == 0 {
+            return Ok(());
+        }
+        client
+            .write_slot(lease, allowed)
+            .map_err(|e| self.client_gone(&e, "sending the response"))?;
+        self.unflushed = true;
         Ok(())
     }
 
@@ -785,6 +926,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::httpd::shm::{self, Region};
     use crate::logging::Level;
     use std::io::Write;
     use std::os::unix::net::UnixListener;
@@ -829,14 +971,34 @@ mod tests {
 
     impl Daemon {
         fn start(script: impl FnOnce(UnixStream, Vec<u8>) + Send + 'static) -> Daemon {
+            // The region the worker offers is left unmapped: these daemons keep to inline
+            // frames.
+            Daemon::start_with_region(|stream, environ, _region| script(stream, environ))
+        }
+
+        /// Like `start`, with the region the worker shares, mapped.
+        fn start_with_region(
+            script: impl FnOnce(UnixStream, Vec<u8>, Region) + Send + 'static,
+        ) -> Daemon {
             let dir = TempDir::new();
             let listener = UnixListener::bind(dir.socket()).unwrap();
             let thread = thread::spawn(move || {
                 let (mut stream, _) = listener.accept().unwrap();
+                // The Region frame, with the memfd attached to its bytes.
+                let mut head = [0u8; wire::HEADER_LEN + 4];
+                let mut fds = Vec::new();
+                let mut got = 0;
+                while got < head.len() {
+                    let n = shm::recv_with_fds(&stream, &mut head[got..], &mut fds).unwrap();
+                    assert!(n > 0, "the worker closed before its Region frame");
+                    got += n;
+                }
+                assert_eq!(head[0], Kind::Region as u8);
+                let region = Region::map(&fds.pop().expect("a memfd")).unwrap();
                 let mut environ = Vec::new();
                 let kind = wire::read_frame(&mut stream, &mut environ, 0).unwrap();
                 assert_eq!(kind, Kind::Request);
-                script(stream, environ);
+                script(stream, environ, region);
             });
             Daemon {
                 dir,
@@ -904,6 +1066,9 @@ mod tests {
         flushes: usize,
         /// Told the number of body bytes received at each flush.
         on_flush: Option<mpsc::Sender<usize>>,
+        /// When set, write_slot keeps the leases here (as Apache does until a bucket is
+        /// written), rather than releasing each slot at once.
+        kept_leases: Option<Vec<SlotLease>>,
     }
 
     impl Client for FakeClient {
@@ -941,6 +1106,14 @@ mod tests {
             }
             self.out.extend_from_slice(data);
             self.writes += 1;
+            Ok(())
+        }
+
+        fn write_slot(&mut self, lease: SlotLease, len: usize) -> Result<(), ClientError> {
+            self.write_body(&lease.copy(len))?;
+            if let Some(kept) = self.kept_leases.as_mut() {
+                kept.push(lease);
+            }
             Ok(())
         }
 
@@ -1460,6 +1633,7 @@ mod tests {
             drop(first);
             let (mut s, _) = listener.accept().unwrap();
             let mut buf = Vec::new();
+            assert_eq!(wire::read_frame(&mut s, &mut buf, 0).unwrap(), Kind::Region);
             assert_eq!(
                 wire::read_frame(&mut s, &mut buf, 0).unwrap(),
                 Kind::Request
@@ -1570,6 +1744,85 @@ mod tests {
             matches!(err, ProxyError::BrokenAfterHeaders { .. }),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn body_and_response_bytes_cross_in_shared_slots() {
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let expected_body = body.clone();
+        let daemon = Daemon::start_with_region(move |mut s, _, region| {
+            let ask = wire::BodyAsk {
+                max: 300_000,
+                fill: true,
+                known: false,
+                slot: Some(1),
+            };
+            wire::write_frame(&mut s, Kind::ReadBody, &wire::encode_read_body(ask)).unwrap();
+            let mut answer = Vec::new();
+            assert_eq!(
+                wire::read_frame(&mut s, &mut answer, 0).unwrap(),
+                Kind::BodySlot
+            );
+            let len = wire::decode_body_slot(&answer).unwrap();
+            assert_eq!(&region.body_slot(1)[..len], &expected_body[..]);
+            // The answer: the body back, in two slot frames around an inline one.
+            let mut all = headers_frame(b"200 OK", &[]);
+            for part in [&expected_body[..60_000], &expected_body[60_000..]] {
+                let slot = region.claim_data_slot().unwrap();
+                region.fill_data_slot(slot, part);
+                all.extend(frame(
+                    Kind::DataSlot,
+                    &wire::encode_data_slot(slot as u32, part.len() as u32),
+                ));
+                all.extend(frame(Kind::Data, b"|"));
+            }
+            all.extend(frame(Kind::End, b""));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient {
+            body,
+            read_limit: 7000,
+            ..FakeClient::default()
+        };
+        let got = forward(&target(&daemon.path()), &environ(), &mut client).unwrap();
+        daemon.join();
+        assert_eq!(got, Outcome::Completed);
+        let mut expected = client.body[..60_000].to_vec();
+        expected.push(b'|');
+        expected.extend_from_slice(&client.body[60_000..]);
+        expected.push(b'|');
+        assert!(client.out == expected, "the response arrived altered");
+    }
+
+    #[test]
+    fn slot_frames_that_break_the_protocol_are_refused() {
+        // A data slot named again while Apache still sends from it.
+        let daemon = Daemon::start_with_region(|mut s, _, region| {
+            let slot = region.claim_data_slot().unwrap();
+            region.fill_data_slot(slot, &[b'x'; 9000]);
+            let mut all = headers_frame(b"200 OK", &[]);
+            let named = wire::encode_data_slot(slot as u32, 9000);
+            all.extend(frame(Kind::DataSlot, &named));
+            all.extend(frame(Kind::DataSlot, &named));
+            let _ = s.write_all(&all);
+        });
+        let mut client = FakeClient {
+            kept_leases: Some(Vec::new()),
+            ..FakeClient::default()
+        };
+        let err = forward(&target(&daemon.path()), &environ(), &mut client).unwrap_err();
+        daemon.join();
+        assert!(err.to_string().contains("still sending from"), "{err}");
+        assert_eq!(client.out.len(), 9000, "the first one was relayed");
+
+        // A slot or length outside the layout.
+        let err = run_error(|mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[]);
+            let bad = wire::encode_data_slot(wire::region::DATA_SLOTS as u32, 10);
+            all.extend(frame(Kind::DataSlot, &bad));
+            let _ = s.write_all(&all);
+        });
+        assert!(err.to_string().contains("no such data slot"), "{err}");
     }
 
     #[test]

@@ -8,11 +8,12 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::load::{LoadBoard, LoadSlot};
 
 use super::connect;
+use super::region::WorkerRegion;
 
 /// An open connection to a daemon process and its slot on the group's load board (known
 /// once the process has answered a request on it).
@@ -20,6 +21,8 @@ use super::connect;
 pub(super) struct Idle {
     pub(super) stream: UnixStream,
     pub(super) slot: Option<usize>,
+    /// The memory shared with the daemon process over this connection, if any.
+    pub(super) region: Option<Arc<WorkerRegion>>,
 }
 
 #[derive(Debug)]
@@ -116,7 +119,14 @@ mod tests {
 
     fn conn(slot: Option<usize>) -> (Idle, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        (Idle { stream: ours, slot }, theirs)
+        (
+            Idle {
+                stream: ours,
+                slot,
+                region: None,
+            },
+            theirs,
+        )
     }
 
     #[test]
