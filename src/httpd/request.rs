@@ -545,30 +545,10 @@ impl Client for ApacheClient {
             return Ok(());
         }
         let len = len.min(piece.len());
-        // SAFETY: live request and connection; the brigade lives in the request pool. The
-        // bucket takes the piece over: free_piece rebuilds the box from the same pointer and
-        // length (PIECE, checked above) once Apache is done with it.
-        unsafe {
-            let r = self.r;
-            let alloc = (*(*r).connection).bucket_alloc;
-            if self.brigade.is_null() {
-                self.brigade = ffi::apr_brigade_create((*r).pool, alloc);
-            }
-            let data = Box::into_raw(piece).cast::<u8>();
-            let bucket = ffi::apr_bucket_heap_create(data.cast(), len, Some(free_piece), alloc);
-            if bucket.is_null() {
-                free_piece(data.cast());
-                return Err(ClientError::Gone("no memory for an output bucket".into()));
-            }
-            ffi::brigade_insert_tail(self.brigade, bucket);
-            let status = ffi::ap_pass_brigade((*r).output_filters, self.brigade);
-            ffi::apr_brigade_cleanup(self.brigade.cast());
-            if status == ffi::APR_SUCCESS as ffi::apr_status_t {
-                Ok(())
-            } else {
-                Err(ClientError::Gone("the client closed the connection".into()))
-            }
-        }
+        let data = Box::into_raw(piece).cast::<u8>();
+        // SAFETY: the bucket takes the piece over: free_piece rebuilds the box from the same
+        // pointer and length (PIECE, checked above) once Apache is done with it.
+        unsafe { self.pass_owned(data, len, free_piece) }
     }
 
     /// Reads straight into the shared body slot: the client's bytes are copied once, by
@@ -602,29 +582,9 @@ impl Client for ApacheClient {
         let len = len.min(proxy::SlotLease::LEN);
         let data = lease.as_ptr().cast_mut();
         slot_leases().insert(data as usize, lease);
-        // SAFETY: live request and connection; the brigade lives in the request pool. The
-        // bucket's bytes stay mapped and unchanged by the daemon while the lease is held, and
-        // free_slot drops the lease once, when the bucket is destroyed.
-        unsafe {
-            let r = self.r;
-            let alloc = (*(*r).connection).bucket_alloc;
-            if self.brigade.is_null() {
-                self.brigade = ffi::apr_brigade_create((*r).pool, alloc);
-            }
-            let bucket = ffi::apr_bucket_heap_create(data.cast(), len, Some(free_slot), alloc);
-            if bucket.is_null() {
-                free_slot(data.cast());
-                return Err(ClientError::Gone("no memory for an output bucket".into()));
-            }
-            ffi::brigade_insert_tail(self.brigade, bucket);
-            let status = ffi::ap_pass_brigade((*r).output_filters, self.brigade);
-            ffi::apr_brigade_cleanup(self.brigade.cast());
-            if status == ffi::APR_SUCCESS as ffi::apr_status_t {
-                Ok(())
-            } else {
-                Err(ClientError::Gone("the client closed the connection".into()))
-            }
-        }
+        // SAFETY: the bytes stay mapped, and unchanged by the daemon, while the lease is
+        // held, and free_slot drops the lease once, when the bucket is destroyed.
+        unsafe { self.pass_owned(data, len, free_slot) }
     }
 
     fn flush(&mut self) -> Result<(), ClientError> {
@@ -674,6 +634,43 @@ unsafe extern "C" fn free_slot(data: *mut std::ffi::c_void) {
 }
 
 impl ApacheClient {
+    /// Passes `len` bytes at `data` to the output filters as a heap bucket, without a copy;
+    /// `free` is called with `data` once Apache is done with them (at once if the bucket
+    /// cannot be made).
+    ///
+    /// # Safety
+    /// `data` must stay valid for `len` bytes until `free(data)` is called, which gives it
+    /// back; nothing else may free it.
+    unsafe fn pass_owned(
+        &mut self,
+        data: *mut u8,
+        len: usize,
+        free: unsafe extern "C" fn(*mut std::ffi::c_void),
+    ) -> Result<(), ClientError> {
+        // SAFETY: live request and connection; the brigade lives in the request pool; the
+        // caller guarantees `data` until `free`.
+        unsafe {
+            let r = self.r;
+            let alloc = (*(*r).connection).bucket_alloc;
+            if self.brigade.is_null() {
+                self.brigade = ffi::apr_brigade_create((*r).pool, alloc);
+            }
+            let bucket = ffi::apr_bucket_heap_create(data.cast(), len, Some(free), alloc);
+            if bucket.is_null() {
+                free(data.cast());
+                return Err(ClientError::Gone("no memory for an output bucket".into()));
+            }
+            ffi::brigade_insert_tail(self.brigade, bucket);
+            let status = ffi::ap_pass_brigade((*r).output_filters, self.brigade);
+            ffi::apr_brigade_cleanup(self.brigade.cast());
+            if status == ffi::APR_SUCCESS as ffi::apr_status_t {
+                Ok(())
+            } else {
+                Err(ClientError::Gone("the client closed the connection".into()))
+            }
+        }
+    }
+
     /// True when there is a body to read (ap_should_client_block also sends "100 Continue").
     fn started_body(&self) -> bool {
         // SAFETY: live request.
