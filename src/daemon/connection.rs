@@ -623,10 +623,17 @@ impl Connection {
         Ok(())
     }
 
-    /// True when the last response ended cleanly and nothing of a next request has been read
-    /// ahead into our buffer: the connection can wait in the idle set for the next one.
+    /// True when the last response ended cleanly: the connection can carry the next request.
     pub fn reusable(&self) -> bool {
-        self.finished && !self.peer_gone && self.reader.buffer().is_empty()
+        self.finished && !self.peer_gone
+    }
+
+    /// True when bytes of the next request are already in our buffer. The worker may send
+    /// it as soon as it has read End, so it can arrive while `settle` still reads; epoll
+    /// will not report bytes we already hold, so such a connection must be served at once
+    /// rather than wait in the idle set.
+    pub fn has_next_request(&self) -> bool {
+        !self.reader.buffer().is_empty()
     }
 
     /// Gives back big buffers before the connection waits, idle, for its next request.
@@ -771,6 +778,54 @@ mod tests {
         assert_eq!(got, body);
         drop(conn);
         worker.join().unwrap();
+    }
+
+    #[test]
+    fn next_request_sent_while_settling_a_read_ahead_is_kept() {
+        // The app reads 1000 bytes of a large body and answers; the worker answers the pull
+        // sent ahead and, having read End, sends its next request at once. Both can reach
+        // the daemon's buffer in one read while it settles: the connection must still carry
+        // that request (it used to be dropped, which the worker saw as a 500).
+        let (a, mut worker) = UnixStream::pair().unwrap();
+        let mut conn = Connection::new(a, 0);
+        conn.set_content_length(Some(3 << 20));
+        let mut frame = Vec::new();
+        let answer = std::thread::spawn(move || {
+            for _ in 0..2 {
+                assert_eq!(
+                    wire::read_frame(&mut worker, &mut frame, 1 << 20).unwrap(),
+                    Kind::ReadBody
+                );
+                let ask = wire::decode_read_body(&frame).unwrap().max as usize;
+                let mut out = Vec::new();
+                wire::write_frame(&mut out, Kind::Body, &vec![b'x'; ask.min(4000)]).unwrap();
+                if ask == READ_AHEAD as usize {
+                    // The pull sent ahead: its answer and the next request in one write.
+                    wire::write_frame(&mut out, Kind::Request, b"next environ").unwrap();
+                }
+                worker.write_all(&out).unwrap();
+            }
+            worker
+        });
+        assert_eq!(conn.read(Some(1000)).unwrap().len(), 1000);
+        let mut worker = answer.join().unwrap();
+        conn.set_pending_headers(Vec::new());
+        assert!(conn.flush_headers().unwrap());
+        conn.send_end().unwrap();
+        assert!(conn.reusable());
+        assert!(
+            conn.has_next_request(),
+            "epoll cannot report what is buffered"
+        );
+        assert_eq!(conn.read_request().unwrap(), b"next environ");
+        assert!(!conn.has_next_request());
+        let mut frame = Vec::new();
+        for expected in [Kind::Headers, Kind::End] {
+            assert_eq!(
+                wire::read_frame(&mut worker, &mut frame, 1 << 20).unwrap(),
+                expected
+            );
+        }
     }
 
     /// Opens a connection the way a worker does: a Region frame carrying the memfd, then a

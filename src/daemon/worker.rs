@@ -536,6 +536,14 @@ impl Dispatcher {
         let Some(mut conn) = self.serve_request(conn, thread, fresh) else {
             return;
         };
+        // The next request may already be in our buffer (see `has_next_request`), where
+        // epoll would never report it.
+        while conn.has_next_request() && !self.stop.is_set() {
+            let Some(next) = self.serve_request(conn, thread, false) else {
+                return;
+            };
+            conn = next;
+        }
         conn.trim();
         if self.stop.is_set() {
             return conn.goodbye();
