@@ -47,7 +47,7 @@ fn main() {
         .clang_arg(format!("-I{apr_include_dir}"))
         .clang_args(extra_cppflags.split_whitespace())
         .allowlist_function("ap_.*|apr_.*|unixd_.*")
-        .allowlist_var("ap_.*|AP_.*|APR_.*|APLOG_.*|HTTP_.*|OK|DECLINED|DONE|OPT_.*|RSRC_CONF|ACCESS_CONF|OR_.*|NOT_IN_.*|GLOBAL_ONLY|REQUEST_.*|M_.*|WSGIRS_.*|AP_SQ_.*|MODULE_MAGIC_.*")
+        .allowlist_var("ap_.*|AP_.*|APR_.*|apr_bucket_type_eos|APLOG_.*|HTTP_.*|OK|DECLINED|DONE|OPT_.*|RSRC_CONF|ACCESS_CONF|OR_.*|NOT_IN_.*|GLOBAL_ONLY|REQUEST_.*|M_.*|WSGIRS_.*|AP_SQ_.*|MODULE_MAGIC_.*")
         .allowlist_type("module_struct|module|command_rec|cmd_parms|request_rec|server_rec|conn_rec|process_rec|unixd_config_rec|apr_.*|ap_.*")
         .default_enum_style(bindgen::EnumVariation::Consts)
         .derive_default(true)

@@ -57,4 +57,56 @@ pub unsafe fn brigade_insert_tail(bb: *mut apr_bucket_brigade, e: *mut apr_bucke
     }
 }
 
+/// `APR_BRIGADE_SENTINEL(bb)`: the brigade's list head posing as a bucket, where a walk
+/// over its buckets ends.
+///
+/// # Safety
+/// `bb` must be a live brigade.
+pub unsafe fn brigade_sentinel(bb: *mut apr_bucket_brigade) -> *mut apr_bucket {
+    // SAFETY: as in brigade_insert_tail; only the address is taken.
+    unsafe { std::ptr::addr_of_mut!((*bb).list).cast::<apr_bucket>() }
+}
+
+/// `APR_BUCKET_IS_EOS(e)`.
+///
+/// # Safety
+/// `e` must be a live bucket.
+pub unsafe fn bucket_is_eos(e: *const apr_bucket) -> bool {
+    // SAFETY: the caller guarantees `e` is live; the EOS type is a static of libaprutil.
+    unsafe { std::ptr::eq((*e).type_, std::ptr::addr_of!(apr_bucket_type_eos)) }
+}
+
+/// `APR_BUCKET_IS_METADATA(e)`.
+///
+/// # Safety
+/// `e` must be a live bucket.
+pub unsafe fn bucket_is_metadata(e: *const apr_bucket) -> bool {
+    // SAFETY: the caller guarantees `e` is live, and a live bucket has a type.
+    unsafe { (*(*e).type_).is_metadata == apr_bucket_type_t_APR_BUCKET_METADATA }
+}
+
+/// `apr_bucket_read(e, &str, &len, block)`: the bucket's bytes, which stay valid while the
+/// bucket does (reading a bucket of unknown length may split it, leaving the rest after it).
+///
+/// # Safety
+/// `e` must be a live data bucket.
+pub unsafe fn bucket_read(
+    e: *mut apr_bucket,
+    block: apr_read_type_e,
+) -> Result<(*const u8, usize), apr_status_t> {
+    let mut data: *const std::ffi::c_char = std::ptr::null();
+    let mut len: apr_size_t = 0;
+    // SAFETY: the caller guarantees `e` is live; every bucket type has a read function.
+    let status = unsafe {
+        match (*(*e).type_).read {
+            Some(read) => read(e, &mut data, &mut len, block),
+            None => APR_ENOTIMPL as apr_status_t,
+        }
+    };
+    if status != APR_SUCCESS as apr_status_t {
+        return Err(status);
+    }
+    Ok((data.cast::<u8>(), len))
+}
+
 const _: () = assert!(std::mem::offset_of!(apr_bucket, link) == 0);

@@ -3,7 +3,8 @@
 //! the request to `proxy::forward`, with `ApacheClient` as its view of the client.
 
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_long};
+use std::ffi::{c_char, c_int};
+use std::io::{self, IoSlice};
 use std::sync::{Mutex, OnceLock};
 
 use super::ffi;
@@ -257,6 +258,7 @@ unsafe fn handle(r: *mut ffi::request_rec) -> c_int {
             r,
             redirect: None,
             brigade: std::ptr::null_mut(),
+            input: std::ptr::null_mut(),
         };
         match proxy::forward(&target, &environ, &mut client) {
             Ok(Outcome::Completed) => match client.redirect {
@@ -452,6 +454,22 @@ struct ApacheClient {
     redirect: Option<Vec<u8>>,
     /// For handing response pieces to the output filters; made at the first piece.
     brigade: *mut ffi::apr_bucket_brigade,
+    /// For reading the request body; made at the first read.
+    input: *mut ffi::apr_bucket_brigade,
+}
+
+/// APR's text for a status (an errno or one of APR's own codes).
+fn apr_error_text(status: ffi::apr_status_t) -> String {
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: apr_strerror writes at most buf.len() bytes, NUL-terminated, and returns buf.
+    let text = unsafe { ffi::apr_strerror(status, buf.as_mut_ptr(), buf.len()) };
+    let text = if text.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a NUL-terminated string in buf (or a static one APR returns).
+        unsafe { cstr_lossy(text) }
+    };
+    format!("{text} (APR status {status})")
 }
 
 /// mod_cgi's local redirect: the request becomes a GET for `location`.
@@ -469,14 +487,16 @@ fn internal_redirect(r: *mut ffi::request_rec, location: &[u8]) -> c_int {
 
 impl Client for ApacheClient {
     fn read_body(&mut self, buf: &mut [u8]) -> Result<usize, ClientError> {
-        if !self.started_body() {
-            return Ok(0);
-        }
-        // SAFETY: live request; buf is valid for buf.len() bytes.
-        let n: c_long =
-            unsafe { ffi::ap_get_client_block(self.r, buf.as_mut_ptr().cast(), buf.len()) };
-        usize::try_from(n)
-            .map_err(|_| ClientError::Read("the client's request body could not be read".into()))
+        let mut filled = 0;
+        self.read_pieces(buf.len(), &mut |pieces| {
+            for piece in pieces {
+                let n = piece.len().min(buf.len() - filled);
+                buf[filled..filled + n].copy_from_slice(&piece[..n]);
+                filled += n;
+            }
+            Ok(())
+        })?;
+        Ok(filled)
     }
 
     fn send_headers(
@@ -559,17 +579,15 @@ impl Client for ApacheClient {
         offset: usize,
         max: usize,
     ) -> Result<usize, ClientError> {
-        if !self.started_body() {
-            return Ok(0);
-        }
+        // Written with pwritev, not through Apache's mapping of the region: the slot's pages
+        // then never count in this child's memory.
         let max = max.min(proxy::BodySlot::LEN.saturating_sub(offset));
-        // SAFETY: live request; offset + max lies inside the slot (clamped above), which stays
-        // mapped while `slot` borrows the region. The daemon does not touch the slot until it
-        // has this answer (and if it broke that rule, it could only garble its own body).
-        let n: c_long =
-            unsafe { ffi::ap_get_client_block(self.r, slot.as_mut_ptr().add(offset).cast(), max) };
-        usize::try_from(n)
-            .map_err(|_| ClientError::Read("the client's request body could not be read".into()))
+        let mut written = 0;
+        self.read_pieces(max, &mut |pieces| {
+            written = slot.write_at(offset, pieces)?;
+            Ok(())
+        })?;
+        Ok(written)
     }
 
     /// Hands the data slot to the output filters as a heap bucket, without a copy; the
@@ -668,6 +686,112 @@ impl ApacheClient {
             } else {
                 Err(ClientError::Gone("the client closed the connection".into()))
             }
+        }
+    }
+
+    /// One read of the client's body through the input filters, as ap_get_client_block does
+    /// it (at most `max` bytes: what the client had sent, or at least one socket read), but
+    /// the bytes go to `sink` where they lie in Apache's buckets instead of being flattened
+    /// into a buffer first. `sink` gets them all at once, in order.
+    fn read_pieces(
+        &mut self,
+        max: usize,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<(), ClientError> {
+        if max == 0 || !self.started_body() {
+            return Ok(());
+        }
+        // SAFETY: live request and connection; the brigade lives in the request pool and is
+        // emptied before this returns, so no bucket outlives the slices made from it.
+        unsafe {
+            let r = self.r;
+            // ap_get_client_block's own end: the last read saw EOS.
+            if (*r).remaining < 0 || ((*r).read_chunked == 0 && (*r).remaining == 0) {
+                return Ok(());
+            }
+            let alloc = (*(*r).connection).bucket_alloc;
+            if self.input.is_null() {
+                self.input = ffi::apr_brigade_create((*r).pool, alloc);
+            }
+            let bb = self.input;
+            let status = ffi::ap_get_brigade(
+                (*r).input_filters,
+                bb,
+                ffi::ap_input_mode_t_AP_MODE_READBYTES,
+                ffi::apr_read_type_e_APR_BLOCK_READ,
+                ffi::apr_off_t::try_from(max).unwrap_or(ffi::apr_off_t::MAX),
+            );
+            if status != ffi::APR_SUCCESS as ffi::apr_status_t {
+                ffi::apr_brigade_cleanup(bb.cast());
+                return Err(self.body_read_failed(status));
+            }
+            let mut pieces: Vec<IoSlice<'_>> = Vec::new();
+            let mut eos = false;
+            let mut room = max;
+            let mut e = (*bb).list.next;
+            while e != ffi::brigade_sentinel(bb) {
+                if ffi::bucket_is_eos(e) {
+                    eos = true;
+                    break;
+                }
+                if !ffi::bucket_is_metadata(e) {
+                    match ffi::bucket_read(e, ffi::apr_read_type_e_APR_BLOCK_READ) {
+                        Ok((data, len)) if len > 0 && room > 0 => {
+                            let len = len.min(room);
+                            room -= len;
+                            pieces.push(IoSlice::new(std::slice::from_raw_parts(data, len)));
+                        }
+                        Ok(_) => {}
+                        Err(status) => {
+                            ffi::apr_brigade_cleanup(bb.cast());
+                            return Err(self.body_read_failed(status));
+                        }
+                    }
+                }
+                e = (*e).link.next;
+            }
+            let sunk = sink(&pieces);
+            let total = max - room;
+            drop(pieces);
+            ffi::apr_brigade_cleanup(bb.cast());
+            if eos {
+                // Left for the next read, as ap_get_client_block does: the body has ended.
+                (*r).remaining = if (*r).read_chunked != 0 { -1 } else { 0 };
+            }
+            (*r).read_length += total as ffi::apr_off_t;
+            sunk.map_err(proxy::region_write_failed)
+        }
+    }
+
+    /// A failed read of the client's body. As ap_get_client_block does, the client gets the
+    /// matching error response from Apache itself (413 for LimitRequestBody, 408 for a
+    /// timeout, 400 for bad chunking) unless a filter answered already, and the connection
+    /// is not kept.
+    fn body_read_failed(&mut self, status: ffi::apr_status_t) -> ClientError {
+        let detail = apr_error_text(status);
+        // SAFETY: live request and connection; the brigade is empty and in the request pool.
+        unsafe {
+            let r = self.r;
+            if status != ffi::AP_FILTER_ERROR {
+                let alloc = (*(*r).connection).bucket_alloc;
+                let code = ffi::ap_map_http_request_error(status, ffi::HTTP_BAD_REQUEST as c_int);
+                let bb = self.input;
+                let error = ffi::ap_bucket_error_create(code, std::ptr::null(), (*r).pool, alloc);
+                if !error.is_null() {
+                    ffi::brigade_insert_tail(bb, error);
+                    ffi::brigade_insert_tail(bb, ffi::apr_bucket_eos_create(alloc));
+                    ffi::ap_pass_brigade((*r).output_filters, bb);
+                    ffi::apr_brigade_cleanup(bb.cast());
+                }
+            }
+            (*(*r).connection).keepalive = ffi::ap_conn_keepalive_e_AP_CONN_CLOSE;
+        }
+        if status == ffi::APR_TIMEUP as ffi::apr_status_t
+            || status == ffi::APR_ETIMEDOUT as ffi::apr_status_t
+        {
+            ClientError::Timeout(detail)
+        } else {
+            ClientError::Read(detail)
         }
     }
 

@@ -95,7 +95,8 @@ pub trait Client {
     ) -> Result<usize, ClientError> {
         let mut buf = vec![0; max.min(BodySlot::LEN.saturating_sub(offset))];
         let n = self.read_body(&mut buf)?;
-        Ok(slot.copy_in(offset, &buf[..n.min(buf.len())]))
+        slot.write_at(offset, &[io::IoSlice::new(&buf[..n.min(buf.len())])])
+            .map_err(region_write_failed)
     }
     /// Sends the first `len` bytes of a data slot. A client that can send straight from the
     /// slot keeps the lease until it is written; by default the bytes are copied and the slot
@@ -107,6 +108,13 @@ pub trait Client {
     }
     /// Push anything buffered to the client (called when the daemon has nothing more queued).
     fn flush(&mut self) -> Result<(), ClientError>;
+}
+
+/// A body slot could not be written (the kernel found no memory for the region's pages).
+pub fn region_write_failed(err: io::Error) -> ClientError {
+    ClientError::Read(format!(
+        "the body could not be written to the memory shared with the daemon: {err}"
+    ))
 }
 
 /// A failure talking to the HTTP client.
@@ -238,11 +246,11 @@ fn open(target: &Target<'_>) -> Result<Idle, ProxyError> {
             source,
         })?;
     let region = match WorkerRegion::create() {
-        Ok((region, fd)) => {
+        Ok(region) => {
             let mut frame = Vec::with_capacity(wire::HEADER_LEN + 4);
             let length = wire::encode_u32(wire::region::REGION_LEN as u32);
             wire::write_frame(&mut frame, Kind::Region, &length)
-                .and_then(|()| connect::send_with_fd(&stream, &frame, &fd))
+                .and_then(|()| connect::send_with_fd(&stream, &frame, region.descriptor()))
                 .map_err(|source| ProxyError::SendRequest {
                     group: target.group.to_owned(),
                     path: target.socket_path.to_owned(),

@@ -5,17 +5,23 @@
 
 #![forbid(unsafe_code)]
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::OwnedFd;
+
+use nix::sys::uio::pwritev;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::httpd::shm::Region;
-use crate::wire::region::{BODY_SLOTS, BODY_SLOT_LEN, DATA_SLOTS, DATA_SLOT_LEN};
+use crate::wire::region::{body_slot_offset, BODY_SLOTS, BODY_SLOT_LEN, DATA_SLOTS, DATA_SLOT_LEN};
 
 #[derive(Debug)]
 pub struct WorkerRegion {
     region: Region,
+    /// The memfd, kept for writing body slots: Apache writes them with pwritev and never
+    /// through its mapping, so their pages stay out of the Apache child's memory (only the
+    /// daemon, which reads them, maps them in).
+    fd: OwnedFd,
     /// One bit per data slot Apache holds. Kept here, not in the shared state words, which the
     /// daemon can write: a daemon naming a slot Apache still sends from is caught.
     held: AtomicU32,
@@ -24,14 +30,19 @@ pub struct WorkerRegion {
 const _: () = assert!(DATA_SLOTS <= 32 && BODY_SLOTS == 2);
 
 impl WorkerRegion {
-    /// A new region and the memfd to send to the daemon with the connection's first request.
-    pub fn create() -> io::Result<(Arc<WorkerRegion>, OwnedFd)> {
+    /// A new region; its `descriptor` goes to the daemon with the connection's first request.
+    pub fn create() -> io::Result<Arc<WorkerRegion>> {
         let (region, fd) = Region::create()?;
-        let region = WorkerRegion {
+        Ok(Arc::new(WorkerRegion {
             region,
+            fd,
             held: AtomicU32::new(0),
-        };
-        Ok((Arc::new(region), fd))
+        }))
+    }
+
+    /// The region's memfd, for the daemon.
+    pub fn descriptor(&self) -> &OwnedFd {
+        &self.fd
     }
 
     /// Takes data slot `slot`, which the daemon just filled, until the lease is dropped; None
@@ -50,7 +61,7 @@ impl WorkerRegion {
     /// Body slot `slot` (0 or 1), for the client's body bytes.
     pub fn body_slot(&self, slot: usize) -> BodySlot<'_> {
         BodySlot {
-            region: &self.region,
+            fd: &self.fd,
             slot: slot.min(BODY_SLOTS - 1),
         }
     }
@@ -59,21 +70,44 @@ impl WorkerRegion {
 /// A body slot of a region, for `Client::read_body_into`.
 #[derive(Debug, Clone, Copy)]
 pub struct BodySlot<'a> {
-    region: &'a Region,
+    fd: &'a OwnedFd,
     slot: usize,
 }
 
 impl BodySlot<'_> {
-    /// The slot's BODY_SLOT_LEN bytes start here.
-    pub fn as_mut_ptr(&self) -> *mut u8 {
-        self.region.body_slot_ptr(self.slot)
-    }
-
     pub const LEN: usize = BODY_SLOT_LEN;
 
-    /// Copies `data` in at `offset` (clamped to the slot); returns how many bytes fit.
-    pub fn copy_in(&self, offset: usize, data: &[u8]) -> usize {
-        self.region.copy_into_body_slot(self.slot, offset, data)
+    /// Writes `parts`, in order, into the slot from `offset` on, cut at the slot's end; returns
+    /// how many bytes it wrote (all that fit, unless the write fails).
+    pub fn write_at(&self, offset: usize, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut room = Self::LEN.saturating_sub(offset);
+        let mut fitting: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
+        for part in parts.iter().filter(|part| !part.is_empty()) {
+            if room == 0 {
+                break;
+            }
+            let take = part.len().min(room);
+            fitting.push(IoSlice::new(&part[..take]));
+            room -= take;
+        }
+        let mut at = body_slot_offset(self.slot) + offset.min(Self::LEN);
+        let mut written = 0;
+        let mut rest: &mut [IoSlice<'_>] = &mut fitting;
+        while !rest.is_empty() {
+            let n = loop {
+                match pwritev(self.fd, rest, at as libc::off_t) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other?,
+                }
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            written += n;
+            at += n;
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(written)
     }
 }
 
@@ -115,9 +149,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn body_slot_writes_land_in_the_daemons_view_cut_at_the_slot_end() {
+        let region = WorkerRegion::create().unwrap();
+        let daemon = Region::map(region.descriptor()).unwrap();
+        let slot = region.body_slot(1);
+        let parts = [IoSlice::new(b"ab"), IoSlice::new(b""), IoSlice::new(b"cde")];
+        assert_eq!(slot.write_at(10, &parts).unwrap(), 5);
+        assert_eq!(&daemon.body_slot(1)[10..15], b"abcde");
+        assert_eq!(
+            &daemon.body_slot(0)[10..15],
+            &[0; 5],
+            "the other slot is untouched"
+        );
+        // Only what fits before the slot's end is written.
+        let tail = vec![7u8; 100];
+        let written = slot
+            .write_at(BODY_SLOT_LEN - 40, &[IoSlice::new(&tail)])
+            .unwrap();
+        assert_eq!(written, 40);
+        assert_eq!(&daemon.body_slot(1)[BODY_SLOT_LEN - 40..], &[7u8; 40]);
+        assert_eq!(slot.write_at(BODY_SLOT_LEN, &parts).unwrap(), 0);
+        assert_eq!(slot.write_at(3, &[IoSlice::new(b"")]).unwrap(), 0);
+    }
+
+    #[test]
     fn a_slot_is_leased_once_until_its_lease_is_dropped() {
-        let (region, fd) = WorkerRegion::create().unwrap();
-        let daemon = Region::map(&fd).unwrap();
+        let region = WorkerRegion::create().unwrap();
+        let daemon = Region::map(region.descriptor()).unwrap();
         let slot = daemon.claim_data_slot().unwrap();
         daemon.fill_data_slot(slot, b"abc");
         let lease = region.lease(slot).unwrap();
