@@ -446,6 +446,12 @@ unsafe fn build_environ(
     payload
 }
 
+/// The most one read of the client's body asks the input filters for. They gather what the
+/// client has sent in 8000-byte buckets, which go back to the connection's allocator and stay
+/// there (up to MaxMemFree): asking for a whole body slot at once made every connection that
+/// carried an upload keep ~256 KiB of them.
+const BODY_READ_MAX: usize = 64 * 1024;
+
 /// The client side of a request, as the proxy sees it.
 struct ApacheClient {
     r: *mut ffi::request_rec,
@@ -581,7 +587,9 @@ impl Client for ApacheClient {
     ) -> Result<usize, ClientError> {
         // Written with pwritev, not through Apache's mapping of the region: the slot's pages
         // then never count in this child's memory.
-        let max = max.min(proxy::BodySlot::LEN.saturating_sub(offset));
+        let max = max
+            .min(proxy::BodySlot::LEN.saturating_sub(offset))
+            .min(BODY_READ_MAX);
         let mut written = 0;
         self.read_pieces(max, &mut |pieces| {
             written = slot.write_at(offset, pieces)?;
