@@ -1540,6 +1540,76 @@ fn import_script_preloads_at_daemon_start() {
     );
 }
 
+/// As mod_wsgi: a WSGIScriptAlias naming both process-group= and application-group=
+/// preloads its script when the group's daemons start; with process-group= alone, or with
+/// WSGIScriptAliasMatch, the script loads at the first request.
+#[test]
+fn script_alias_with_both_groups_preloads_its_script() {
+    let eager = ScratchDir::new("alias-preload");
+    let lazy = ScratchDir::new("alias-lazy");
+    let matched = ScratchDir::new("alias-match");
+    for dir in [&eager, &lazy, &matched] {
+        dir.write("preload.wsgi", app_source("preload.wsgi"));
+    }
+    let (e, l, m) = (
+        eager.path().display(),
+        lazy.path().display(),
+        matched.path().display(),
+    );
+    let server = TestServer::start(&format!(
+        "WSGIDaemonProcess eager processes=1 threads=2\n\
+         WSGIDaemonProcess lazy processes=1 threads=2\n\
+         WSGIDaemonProcess matched processes=1 threads=2\n\
+         WSGIScriptAlias /eager {e}/preload.wsgi process-group=eager application-group=%{{GLOBAL}}\n\
+         WSGIScriptAlias /again {e}/preload.wsgi process-group=eager application-group=%{{GLOBAL}}\n\
+         WSGIScriptAlias /lazy {l}/preload.wsgi process-group=lazy\n\
+         WSGIScriptAliasMatch ^/matched {m}/preload.wsgi process-group=matched application-group=%{{GLOBAL}}\n\
+         <Directory {e}>\n    Require all granted\n</Directory>\n\
+         <Directory {l}>\n    Require all granted\n</Directory>\n\
+         <Directory {m}>\n    Require all granted\n</Directory>\n"
+    ));
+    let marker = eager
+        .wait_for_file("preload-marker", Duration::from_secs(15))
+        .unwrap_or_else(|| {
+            panic!(
+                "the aliased script was not preloaded\n--- error_log ---\n{}",
+                server.error_log()
+            )
+        });
+    let pid = marker.trim().to_string();
+    // Each daemon logs its start once its preloads are done.
+    for group in ["lazy", "matched"] {
+        assert!(
+            server.wait_for_log(
+                &format!("Starting process '{group}'"),
+                Duration::from_secs(15)
+            ),
+            "{group} did not start\n{}",
+            server.error_log()
+        );
+    }
+    assert!(lazy
+        .wait_for_file("preload-marker", Duration::ZERO)
+        .is_none());
+    assert!(matched
+        .wait_for_file("preload-marker", Duration::ZERO)
+        .is_none());
+    for path in ["/eager", "/again"] {
+        let r = server.get(path);
+        assert_status(&server, path, &r, 200);
+        assert_eq!(
+            r.text(),
+            format!("pid={pid} imports=1"),
+            "{path}: imported once, at start"
+        );
+    }
+    for path in ["/lazy", "/matched"] {
+        let r = server.get(path);
+        assert_status(&server, path, &r, 200);
+        assert!(r.text().ends_with("imports=1"), "{path}: {}", r.text());
+    }
+}
+
 // ---- python-home, python-path ---------------------------------------------------------------------
 
 fn module_file(j: &Json, name: &str) -> Option<String> {

@@ -282,13 +282,37 @@ pub fn record_import(import: ImportScript) {
     imports().push(import);
 }
 
-/// The scripts the daemons of `group` import at start, in configuration order.
+/// As mod_wsgi: a `WSGIScriptAlias` to a script file that names both its process group (a
+/// literal one) and its application group preloads the script when the group's daemons
+/// start, as `WSGIImportScript` would. Not for `WSGIScriptAliasMatch`, whose file may depend on
+/// the URL, nor for an alias to a directory.
+pub fn preload_for_alias(
+    directive: &str,
+    script: &str,
+    options: &ScriptAliasOptions,
+) -> Option<ImportScript> {
+    let group = options.process_group.as_ref()?;
+    let application_group = options.application_group.as_ref()?;
+    if directive != "WSGIScriptAlias" || script.ends_with('/') || group.contains("%{") {
+        return None;
+    }
+    Some(ImportScript {
+        script: script.to_string(),
+        process_group: group.clone(),
+        application_group: Some(application_group.clone()),
+    })
+}
+
+/// The scripts the daemons of `group` import at start, in configuration order, each once
+/// (several aliases may name the same script).
 pub fn imports_for(group: &str) -> Vec<String> {
-    imports()
-        .iter()
-        .filter(|i| i.process_group == group)
-        .map(|i| i.script.clone())
-        .collect()
+    let mut scripts: Vec<String> = Vec::new();
+    for import in imports().iter().filter(|i| i.process_group == group) {
+        if !scripts.contains(&import.script) {
+            scripts.push(import.script.clone());
+        }
+    }
+    scripts
 }
 
 /// A literal `WSGIProcessGroup` value and where it was written, checked once all groups are
@@ -332,6 +356,30 @@ pub fn unconfigured_selections() -> Vec<String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn only_an_alias_to_a_file_naming_both_groups_preloads() {
+        let both = ScriptAliasOptions {
+            process_group: Some("site".into()),
+            application_group: Some("%{GLOBAL}".into()),
+            ..Default::default()
+        };
+        let import = preload_for_alias("WSGIScriptAlias", "/srv/a.wsgi", &both).unwrap();
+        assert_eq!(import.process_group, "site");
+        assert_eq!(import.script, "/srv/a.wsgi");
+        assert!(preload_for_alias("WSGIScriptAliasMatch", "/srv/a.wsgi", &both).is_none());
+        assert!(preload_for_alias("WSGIScriptAlias", "/srv/apps/", &both).is_none());
+        let group_only = ScriptAliasOptions {
+            application_group: None,
+            ..both.clone()
+        };
+        assert!(preload_for_alias("WSGIScriptAlias", "/srv/a.wsgi", &group_only).is_none());
+        let templated = ScriptAliasOptions {
+            process_group: Some("%{ENV:G}".into()),
+            ..both.clone()
+        };
+        assert!(preload_for_alias("WSGIScriptAlias", "/srv/a.wsgi", &templated).is_none());
+    }
 
     #[test]
     fn dir_merge_inner_wins_and_unset_inherits() {

@@ -340,6 +340,9 @@ fn apply_raw(name: &str, line: &str, target: &mut Target<'_>) -> Result<(), Stri
             } else {
                 AliasMatch::Prefix(location)
             };
+            if let Some(import) = config::preload_for_alias(name, &script, &options) {
+                config::record_import(import);
+            }
             target.server().script_aliases.push(ScriptAlias {
                 matcher,
                 script,
