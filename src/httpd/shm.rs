@@ -204,9 +204,9 @@ impl Region {
         unsafe { std::slice::from_raw_parts(self.body_slot_ptr(slot), BODY_SLOT_LEN) }
     }
 
-    /// Worker side: where body slot `slot` starts (BODY_SLOT_LEN bytes), for Apache to read
-    /// the client's body into.
-    pub fn body_slot_ptr(&self, slot: usize) -> *mut u8 {
+    /// Where body slot `slot` starts (BODY_SLOT_LEN bytes). The worker writes body slots with
+    /// pwritev on the memfd (proxy::region), never through this pointer.
+    fn body_slot_ptr(&self, slot: usize) -> *mut u8 {
         // SAFETY: the offset is inside the mapping (the slot is clamped to the layout).
         unsafe {
             self.base
@@ -225,8 +225,9 @@ impl Region {
         }
     }
 
-    /// Worker side: copies `data` into body slot `slot` at `offset` (clamped to the slot), for
-    /// clients that cannot read into the slot themselves. Returns how many bytes it copied.
+    /// Tests' stand-in for a worker: copies `data` into body slot `slot` at `offset` (clamped
+    /// to the slot). Returns how many bytes it copied.
+    #[cfg(test)]
     pub fn copy_into_body_slot(&self, slot: usize, offset: usize, data: &[u8]) -> usize {
         let offset = offset.min(BODY_SLOT_LEN);
         let len = data.len().min(BODY_SLOT_LEN - offset);
