@@ -1303,6 +1303,87 @@ mod tests {
         err
     }
 
+    /// A daemon whose first `goodbyes` connections answer Goodbye before anything else, and
+    /// whose next one (if `serve`) answers "ok". Returns the environ of every connection.
+    fn goodbye_daemon(goodbyes: usize, serve: bool) -> (TempDir, JoinHandle<Vec<Vec<u8>>>) {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(dir.socket()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let thread = thread::spawn(move || {
+            let mut seen = Vec::new();
+            for n in 0..goodbyes + usize::from(serve) {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let mut stream = loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            assert!(Instant::now() < deadline, "no connection #{}", n + 1);
+                            thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => panic!("accept: {e}"),
+                    }
+                };
+                stream.set_nonblocking(false).unwrap();
+                let mut environ = Vec::new();
+                // The Region frame (its memfd is dropped: this daemon keeps to inline frames).
+                assert_eq!(
+                    wire::read_frame(&mut stream, &mut environ, 0).unwrap(),
+                    Kind::Region
+                );
+                assert_eq!(
+                    wire::read_frame(&mut stream, &mut environ, 0).unwrap(),
+                    Kind::Request
+                );
+                seen.push(environ);
+                if n < goodbyes {
+                    stream.write_all(&frame(Kind::Goodbye, b"")).unwrap();
+                } else {
+                    let mut all = headers_frame(b"200 OK", &[]);
+                    all.extend(frame(Kind::Data, b"ok"));
+                    all.extend(frame(Kind::End, b""));
+                    stream.write_all(&all).unwrap();
+                }
+            }
+            seen
+        });
+        (dir, thread)
+    }
+
+    #[test]
+    fn a_goodbye_before_any_answer_sends_the_request_again() {
+        let (dir, daemon) = goodbye_daemon(2, true);
+        let mut client = FakeClient::default();
+        let got = forward(&target(&dir.socket()), &environ(), &mut client).unwrap();
+        assert_eq!(got, Outcome::Completed);
+        assert_eq!(client.out, b"ok");
+        let seen = daemon.join().unwrap();
+        assert_eq!(
+            seen,
+            vec![environ(); 3],
+            "each connection carries the same request"
+        );
+    }
+
+    #[test]
+    fn a_daemon_that_keeps_saying_goodbye_gets_a_503_after_five_connections() {
+        let (dir, daemon) = goodbye_daemon(5, false);
+        let mut client = FakeClient::default();
+        let err = forward(&target(&dir.socket()), &environ(), &mut client).unwrap_err();
+        assert_eq!(daemon.join().unwrap(), vec![environ(); 5]);
+        assert!(
+            matches!(err, ProxyError::TurnedAway { attempts: 5, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.status(), 503);
+        assert!(!err.headers_sent());
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("WSGIRS0313: Daemon process 'site' closed the connection 5 times"),
+            "{msg}"
+        );
+        assert!(client.status.is_none() && client.out.is_empty());
+    }
+
     #[test]
     fn daemon_closing_before_headers_is_a_500() {
         let err = run_error(|s, _| drop(s));
