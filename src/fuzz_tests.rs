@@ -3087,7 +3087,10 @@ fn proxy_case(rng: &mut Rng, daemon: &FakeDaemon, scale: Scale) {
         // A big Data frame is relayed in pieces as it arrives, so of one the stream cuts short
         // the client may have got the part that came.
         let consumed: usize = frames.iter().map(|(_, p)| wire::HEADER_LEN + p.len()).sum();
-        if all_data && frames_end == StreamEnd::Truncated && response.get(consumed) == Some(&6) {
+        if all_data
+            && frames_end == StreamEnd::Truncated
+            && response.get(consumed) == Some(&(Kind::Data as u8))
+        {
             if let Some(part) = response.get(consumed + wire::HEADER_LEN..) {
                 data.extend_from_slice(part);
                 hit("cut Data frame");
