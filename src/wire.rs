@@ -211,6 +211,11 @@ fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireErr
     Ok(())
 }
 
+/// How many bytes `push_pair` adds for this pair.
+pub fn pair_len(key: &[u8], value: &[u8]) -> usize {
+    8 + key.len() + value.len()
+}
+
 /// Appends `key`/`value` to a pairs payload (environ or response headers).
 pub fn push_pair(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     // Both sides cap frames far below 4 GiB, so the casts cannot truncate real data.
@@ -577,6 +582,11 @@ mod tests {
         let mut payload = Vec::new();
         push_pair(&mut payload, b"REQUEST_METHOD", b"GET");
         push_pair(&mut payload, b"EMPTY", b"");
+        assert_eq!(
+            payload.len(),
+            pair_len(b"REQUEST_METHOD", b"GET") + pair_len(b"EMPTY", b""),
+            "pair_len sizes the payload exactly"
+        );
         let got: Vec<_> = pairs(Kind::Request, &payload)
             .collect::<Result<_, _>>()
             .unwrap();

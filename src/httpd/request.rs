@@ -409,6 +409,9 @@ impl route::RequestVars for ApacheVars {
 
 /// The CGI environment Apache computes, plus our extra keys, as a wire pairs payload.
 ///
+/// The payload is allocated once at its exact size: it lives as long as the request, and a
+/// generous guess per request is memory every malloc arena of the child keeps touched.
+///
 /// # Safety
 /// Live request.
 unsafe fn build_environ(
@@ -417,31 +420,43 @@ unsafe fn build_environ(
     extra: &[(&str, &str)],
     pass_authorization: bool,
 ) -> Vec<u8> {
-    let mut payload = Vec::with_capacity(4096);
-    // The origin secret goes first, under the empty key (see daemon::origin).
-    wire::push_pair(&mut payload, daemon::origin::SECRET_KEY, secret);
-    // SAFETY: live request; table entries are NUL-terminated pool strings.
-    unsafe {
+    // SAFETY: live request; the table's entries are NUL-terminated pool strings, which live
+    // as long as the request, so beyond this call.
+    let (table, authorization) = unsafe {
         ffi::ap_add_common_vars(r);
         ffi::ap_add_cgi_vars(r);
         let elts = ffi::apr_table_elts((*r).subprocess_env);
-        let entries = (*elts).elts.cast::<ffi::apr_table_entry_t>();
-        for i in 0..usize::try_from((*elts).nelts).unwrap_or(0) {
-            let entry = &*entries.add(i);
-            if entry.key.is_null() {
-                continue;
-            }
-            wire::push_pair(&mut payload, cstr_bytes(entry.key), cstr_bytes(entry.val));
-        }
-        if pass_authorization {
+        let count = usize::try_from((*elts).nelts).unwrap_or(0);
+        let entries: &[ffi::apr_table_entry_t] = if count == 0 || (*elts).elts.is_null() {
+            &[]
+        } else {
+            std::slice::from_raw_parts((*elts).elts.cast::<ffi::apr_table_entry_t>(), count)
+        };
+        let authorization = if pass_authorization {
             let value = ffi::apr_table_get((*r).headers_in, c"Authorization".as_ptr());
-            if !value.is_null() {
-                wire::push_pair(&mut payload, b"HTTP_AUTHORIZATION", cstr_bytes(value));
-            }
-        }
-    }
-    for (key, value) in extra {
-        wire::push_pair(&mut payload, key.as_bytes(), value.as_bytes());
+            (!value.is_null()).then(|| cstr_bytes(value))
+        } else {
+            None
+        };
+        (entries, authorization)
+    };
+    let pairs = || {
+        // The origin secret goes first, under the empty key (see daemon::origin).
+        std::iter::once((daemon::origin::SECRET_KEY, &secret[..]))
+            .chain(
+                table
+                    .iter()
+                    .filter(|entry| !entry.key.is_null())
+                    // SAFETY: non-null entries of a live table are NUL-terminated strings.
+                    .map(|entry| unsafe { (cstr_bytes(entry.key), cstr_bytes(entry.val)) }),
+            )
+            .chain(authorization.map(|value| (&b"HTTP_AUTHORIZATION"[..], value)))
+            .chain(extra.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
+    };
+    let len = pairs().map(|(key, value)| wire::pair_len(key, value)).sum();
+    let mut payload = Vec::with_capacity(len);
+    for (key, value) in pairs() {
+        wire::push_pair(&mut payload, key, value);
     }
     payload
 }

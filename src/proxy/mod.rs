@@ -56,8 +56,8 @@ use region::WorkerRegion;
 /// frame is relayed in pieces).
 const DATA_PIECE: usize = 64 * 1024;
 
-/// Response pieces this big or bigger are handed to the client in a buffer it keeps (no
-/// copy); smaller ones are cheaper to copy into the client's output buffer.
+/// Without a region, response pieces this big or bigger are handed to the client in a buffer
+/// it keeps (no copy); smaller ones are cheaper to copy into the client's output buffer.
 const HANDOVER_MIN: usize = 8 * 1024;
 
 /// The most request body one Body frame carries: what the daemon asks for beyond it comes in
@@ -65,8 +65,11 @@ const HANDOVER_MIN: usize = 8 * 1024;
 const BODY_PIECE: usize = 64 * 1024;
 
 /// The read buffer on the daemon socket: frame headers and small frames come out of it
-/// without a syscall each; big payloads are read straight into the frame buffer.
-const READ_BUFFER: usize = 16 * 1024;
+/// without a syscall each; big payloads are read straight into the frame buffer. One page is
+/// enough for a typical response's Headers, Data and End frames, and it is allocated for
+/// every request: each of the child's malloc arenas keeps the pages its threads' concurrent
+/// requests touched (16 KiB made them twice as large).
+const READ_BUFFER: usize = 4 * 1024;
 
 /// The real request, as the proxy needs it. Implemented by the httpd layer (and by a fake in
 /// the tests).
@@ -642,15 +645,24 @@ impl Relay<'_, '_> {
     }
 
     /// Relays a Data frame of `len` bytes to the client in DATA_PIECE pieces, as they arrive,
-    /// so an Apache thread never holds more than one piece of the response. A piece of
-    /// HANDOVER_MIN bytes or more is read into a buffer the client keeps (see `pieces`);
-    /// smaller ones are copied into the client's own output buffer, which gathers them.
+    /// so an Apache thread never holds more than one piece of the response. Without a region,
+    /// where every big body comes this way, a piece of HANDOVER_MIN bytes or more is read
+    /// into a buffer the client keeps (see `pieces`). Otherwise bytes are copied into the
+    /// client's own output buffers, at most HANDOVER_MIN at a time: with a region, big bodies
+    /// come in data slots, and inline Data is small, or the rare overflow while a slow client
+    /// holds every slot, which is not worth 64 KiB buffers that the child's malloc arenas keep
+    /// touched long after.
     fn relay_data(&mut self, client: &mut impl Client, len: usize) -> Result<(), ProxyError> {
+        let handover = self.region.is_none();
         let mut left = len;
         while left > 0 {
-            let piece = left.min(DATA_PIECE);
+            let piece = if handover {
+                left.min(DATA_PIECE)
+            } else {
+                left.min(HANDOVER_MIN)
+            };
             left -= piece;
-            if piece >= HANDOVER_MIN {
+            if handover && piece >= HANDOVER_MIN {
                 let mut buffer = pieces::take();
                 if let Err(e) = wire::read_payload_into(&mut self.reader, &mut buffer[..piece]) {
                     pieces::give_back(buffer);
@@ -1071,6 +1083,7 @@ mod tests {
         headers: Vec<(Vec<u8>, Vec<u8>)>,
         out: Vec<u8>,
         writes: usize,
+        largest_write: usize,
         flushes: usize,
         /// Told the number of body bytes received at each flush.
         on_flush: Option<mpsc::Sender<usize>>,
@@ -1114,6 +1127,7 @@ mod tests {
             }
             self.out.extend_from_slice(data);
             self.writes += 1;
+            self.largest_write = self.largest_write.max(data.len());
             Ok(())
         }
 
@@ -1175,6 +1189,27 @@ mod tests {
             client.flushes, 1,
             "a small response is flushed once, at End"
         );
+    }
+
+    #[test]
+    fn with_a_region_big_inline_data_is_copied_in_small_steps() {
+        // A daemon sends big bodies inline when a slow client holds every data slot; the
+        // worker then copies them on in HANDOVER_MIN steps instead of taking 64 KiB pieces.
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let expected = body.clone();
+        let daemon = Daemon::start(move |mut s, _| {
+            let mut all = headers_frame(b"200 OK", &[]);
+            all.extend(frame(Kind::Data, &body));
+            all.extend(frame(Kind::End, b""));
+            s.write_all(&all).unwrap();
+        });
+        let mut client = FakeClient::default();
+        let got = forward(&target(&daemon.path()), &environ(), &mut client).unwrap();
+        daemon.join();
+        assert_eq!(got, Outcome::Completed);
+        assert!(client.out == expected, "the body arrived altered");
+        assert_eq!(client.largest_write, HANDOVER_MIN);
+        assert_eq!(client.writes, expected.len().div_ceil(HANDOVER_MIN));
     }
 
     #[test]

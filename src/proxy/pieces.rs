@@ -1,5 +1,6 @@
 //! An Apache child's 64 KiB body buffers, recycled: response pieces that the client keeps
-//! after `write_piece` returns, and each request's buffer for body pulls.
+//! after `write_piece` returns, and each request's buffer for body pulls. Only connections
+//! without a shared region use them (big bodies otherwise cross in its slots).
 //!
 //! Apache's output filters hold on to data they could not write at once (a slow client); data
 //! they do not own they copy first. A response piece is handed over instead, and comes back
