@@ -188,6 +188,18 @@ def proc_mem(pid):
             "shmem_kb": vals["RssShmem"], "threads": vals["Threads"]}
 
 
+def proc_pss(pid):
+    """Proportional set size (kB) of a process: each page it shares counted as its share, so
+    the PSS of all of an Apache instance's processes adds up to the memory the instance costs
+    (pages shared between an Apache child and a daemon counted once). None if unreadable."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            m = re.search(r"^Pss:\s+(\d+)", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
 def alive(pid):
     try:
         os.kill(pid, 0)
@@ -438,10 +450,19 @@ class Apache:
             vals = [i[key] for i in items if i[key] is not None]
             return max(vals) if vals else None
 
+        def own(item):
+            if item["rss_kb"] is None or item["shmem_kb"] is None:
+                return None
+            return item["rss_kb"] - item["shmem_kb"]
+
+        pss = [proc_pss(p) for p in ([self.parent] if self.parent else []) + list(kids)]
+
         out = {
             "daemon_rss_max_kb": mx(daemons, "rss_kb"), "daemon_hwm_max_kb": mx(daemons, "hwm_kb"),
             "child_rss_max_kb": mx(workers, "rss_kb"), "child_hwm_max_kb": mx(workers, "hwm_kb"),
             "child_anon_max_kb": mx(workers, "anon_kb"), "child_shmem_max_kb": mx(workers, "shmem_kb"),
+            "child_own_max_kb": max((v for v in map(own, workers) if v is not None), default=None),
+            "instance_pss_kb": sum(pss) if pss and None not in pss else None,
             "daemons": daemons, "children": workers, "parent": parent,
         }
         if note:
@@ -694,6 +715,12 @@ def summarise(runs):
         add("daemon after uploads", "HWM MiB",
             lambda r: kib(scen(r, "upload8MiB", 16)["memory"]["daemon_hwm_max_kb"]), "lower", None, "%.1f")
     add("Apache child idle", "RSS MiB", lambda r: kib(r["idle"]["child_rss_max_kb"]), "lower", None, "%.1f")
+    if ("64MiB", 16) in names:
+        # While 64 MiB responses stream to 16 clients: the largest child's memory without the
+        # slot pages it shares with the daemons, and what the whole instance costs the machine.
+        streaming = lambda r, key: kib(scen(r, "64MiB", 16)["memory_under_load"][key])  # noqa: E731
+        add("64 MiB c=16, mid-run", "own MiB", lambda r: streaming(r, "child_own_max_kb"), "lower", None, "%.1f")
+        add("64 MiB c=16, mid-run", "all PSS", lambda r: streaming(r, "instance_pss_kb"), "lower", None, "%.1f")
     last = SCENARIOS[-1] if SCENARIOS else None
     if last:
         add("Apache child at end", "HWM MiB",
@@ -795,6 +822,10 @@ def print_table(rows, meta):
                "(private memory); shmem = RssShmem: for mod_wsgi_rs,")
     out.append("the pages of the response slots it shares with the daemons, which also count in the "
                "daemons' RSS (with mod_wsgi these bytes wait in socket buffers, which no RSS counts).")
+    out.append("64 MiB c=16, mid-run (MiB): own = the largest child's RSS minus those shared pages; all PSS = "
+               "the proportional set size of every process of the instance")
+    out.append("(parent, children, daemons) added up: what the instance costs the machine, shared pages "
+               "counted once.")
     text = "\n".join(out)
     print(text, flush=True)
     return text
