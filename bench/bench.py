@@ -13,6 +13,9 @@ Environment:
   BENCH_ROUNDS=N        rounds (default 3; quick 1)
   BENCH_DURATION=S      seconds per wrk run (default 6; quick 2)
   BENCH_WRK_THREADS=N   wrk threads (default 1, so wrk takes less CPU from Apache on 2 cores)
+  BENCH_PACE_MS=N       "hello paced": each of 64 connections waits N ms after each response
+                        before its next request (default 16: about 4000 req/s offered, half of
+                        what mod_wsgi serves at c=64 on a 2-core machine)
   BENCH_OURS_SO=path    mod_wsgi_rs module (default target/release/libmod_wsgi_rs.so)
   BENCH_THEIRS_SO=path  mod_wsgi module (default /usr/lib/apache2/modules/mod_wsgi.so)
   BENCH_ONLY=a,b        run only these scenarios (names as in the table, e.g. hello,64MiB)
@@ -60,6 +63,7 @@ QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 ROUNDS = env_int("BENCH_ROUNDS", 1 if QUICK else 3)
 DURATION = env_int("BENCH_DURATION", 2 if QUICK else 6)
 WRK_THREADS = env_int("BENCH_WRK_THREADS", 1)
+PACE_MS = env_int("BENCH_PACE_MS", 16)
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 QUIET_WAIT = env_int("BENCH_QUIET_WAIT", 5 if QUICK else 20)
 RETRIES = env_int("BENCH_RETRIES", 0 if QUICK else 4)
@@ -77,6 +81,9 @@ MODULES = [
 SCENARIOS = []
 for _c in (1, 16, 64):
     SCENARIOS.append(("hello", _c, "rps", "/app/hello", 0))
+# The same load offered to both modules (c=64 runs each module flat out, and the faster one
+# then has more requests in flight competing for the 2 CPUs): latency at equal load.
+SCENARIOS.append(("hello_paced", 64, "paced", "/app/hello", 0))
 for _c in (1, 16, 64):
     SCENARIOS.append(("static", _c, "rps", "/static.txt", 0))
 for _c in (1, 16):
@@ -515,11 +522,11 @@ class Apache:
 
 # ---------------------------------------------------------------- wrk
 
-def run_wrk(port, path, conns, seconds, body_bytes=0):
+def run_wrk(port, path, conns, seconds, body_bytes=0, pace_ms=0):
     threads = max(1, min(WRK_THREADS, conns))
     cmd = ["wrk", "-t%d" % threads, "-c%d" % conns, "-d%ds" % seconds, "--timeout", "60s",
            "-s", os.path.join(HERE, "report.lua"), "http://127.0.0.1:%d%s" % (port, path)]
-    env = dict(os.environ, BENCH_BODY_BYTES=str(body_bytes))
+    env = dict(os.environ, BENCH_BODY_BYTES=str(body_bytes), BENCH_PACE_MS=str(pace_ms))
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                        timeout=seconds + 120)
     for line in r.stdout.splitlines():
@@ -596,7 +603,7 @@ def run_module(module, round_no, servers):
                 sampler = threading.Timer(DURATION / 2.0, lambda: under_load.update(ap.memory()))
                 sampler.start()
                 try:
-                    w = run_wrk(ap.port, path, conns, DURATION, body)
+                    w = run_wrk(ap.port, path, conns, DURATION, body, PACE_MS if kind == "paced" else 0)
                     res = scenario_result(kind, w)
                     res["foreign_cpu_pct"] = fc.stop()
                     if res["error_total"]:
@@ -631,12 +638,12 @@ def run_module(module, round_no, servers):
             entry["memory"] = ap.memory()
             run["scenarios"].append(entry)
             other = "  other load %4.1f%%" % (entry.get("foreign_cpu_pct") or 0)
-            if name in ("hello", "static"):
-                log("  %-12s %-10s c=%-3d %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms%s"
+            if kind in ("rps", "paced"):
+                log("  %-12s %-11s c=%-3d %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms%s"
                     % (module["label"], name, conns, entry.get("req_s", 0), entry.get("p50_ms", 0),
                        entry.get("p99_ms", 0), other))
             else:
-                log("  %-12s %-10s c=%-3d %9.1f MB/s   daemon RSS %6.1f MiB%s"
+                log("  %-12s %-11s c=%-3d %9.1f MB/s   daemon RSS %6.1f MiB%s"
                     % (module["label"], name, conns, entry.get("mb_s", 0),
                        (entry["memory"]["daemon_rss_max_kb"] or 0) / 1024, other))
         errs = [l for l in ap.error_log_tail(2000).splitlines() if re.search(r":(error|crit|alert|emerg)\]", l)]
@@ -686,7 +693,7 @@ def summarise(runs):
                      "ours": ours, "theirs": theirs})
 
     names = {(s[0], s[1]) for s in SCENARIOS}
-    for name, title in (("hello", "hello"), ("static", "static 12 B (ceiling)")):
+    for name, title in (("hello", "hello"), ("hello_paced", "hello paced"), ("static", "static 12 B (ceiling)")):
         for c in (1, 16, 64):
             if (name, c) not in names:
                 continue
@@ -812,6 +819,10 @@ def print_table(rows, meta):
                "64 MiB and 8 MiB >= 2x MB/s;")
     out.append("daemon RSS after 64 MiB <= 48 MiB; Apache children no larger (HWM); cold start (apache2 -k start "
                "to the first 200) no slower. ok/MISS compare the median ratio.")
+    out.append("hello paced: the same load for both modules, each of 64 connections waiting %d ms after every "
+               "response (BENCH_PACE_MS); at c=64 each module" % PACE_MS)
+    out.append("runs flat out, so the faster one has more requests competing for the CPUs, which lengthens "
+               "its tail.")
     out.append("static = a 12-byte file served by Apache itself in the same runs: the ceiling for hello "
                "(its ratio shows the run-to-run noise).")
     out.append("Other load: CPU time used by processes other than this benchmark's Apache, wrk and "

@@ -1,4 +1,5 @@
--- wrk script for `make bench`: optionally sends a POST body, and at the end prints one line
+-- wrk script for `make bench`: optionally sends a POST body or paces the requests, and at the
+-- end prints one line
 --   BENCHJSON {...}
 -- with the totals and latency percentiles (microseconds) that bench/bench.py parses.
 -- BENCH_BODY_BYTES=N (environment) makes every request a POST with an N-byte body.
@@ -10,6 +11,15 @@ if body_bytes > 0 then
    wrk.method = "POST"
    wrk.body = body
    wrk.headers["Content-Type"] = "application/octet-stream"
+end
+
+-- BENCH_PACE_MS=N (environment) makes each connection wait N ms after a response before it
+-- sends its next request: a fixed load instead of as many requests as the server can take.
+local pace_ms = tonumber(os.getenv("BENCH_PACE_MS") or "0")
+if pace_ms > 0 then
+   delay = function()
+      return pace_ms
+   end
 end
 
 done = function(summary, latency, requests)
