@@ -34,8 +34,11 @@ const OUT_CAP: usize = 64 * 1024;
 /// smaller ones are cheaper to batch inline.
 const SLOT_MIN: usize = 8 * 1024;
 /// How long a response chunk waits for the worker to free a data slot before it goes inline.
-/// After one such wait the response stops waiting (something on the worker's side keeps
-/// the slots, say a filter that holds the whole body) and takes only slots already free.
+/// After one such wait the response stops waiting (something on the worker's side may keep
+/// the slots, say a filter that holds the whole body) and takes only slots already free,
+/// until it finds one free: then the worker is handing slots back (the wait was a slow
+/// client), and the next chunk waits again rather than go inline whenever the worker is a
+/// step behind.
 const SLOT_WAIT: Duration = Duration::from_millis(50);
 
 /// The socket, read with recvmsg so that a descriptor the worker sends (the region's memfd)
@@ -75,7 +78,8 @@ pub struct Connection {
     region: Option<Region>,
     /// A region the worker offered with this request, not mapped yet.
     offered_region: Option<OwnedFd>,
-    /// This response already waited once for a data slot in vain: it takes only free ones.
+    /// This response waited for a data slot in vain and has found none free since: it takes
+    /// only free ones.
     slot_wait_failed: bool,
     body_done: bool,
     /// CONTENT_LENGTH still unread; None when the request gave none (chunked).
@@ -566,7 +570,9 @@ impl Connection {
     fn fill_data_slot(&mut self, data: &[u8]) -> Option<(usize, usize)> {
         let region = self.region.as_ref().filter(|_| data.len() >= SLOT_MIN)?;
         let slot = if self.slot_wait_failed {
-            region.claim_data_slot()
+            let slot = region.claim_data_slot();
+            self.slot_wait_failed = slot.is_none();
+            slot
         } else {
             let slot = region.wait_for_data_slot(SLOT_WAIT);
             self.slot_wait_failed = slot.is_none();
@@ -946,5 +952,57 @@ mod tests {
         // The first chunk's last 70 000 bytes (in slot-sized frames: 65 536 and 4 464), then
         // the second chunk, which no longer waits.
         assert_eq!(inline, 3);
+    }
+
+    #[test]
+    fn a_response_waits_for_slots_again_once_the_worker_hands_one_back() {
+        let (mut conn, mut worker, region) = connection_with_region();
+        let big = vec![7u8; region::DATA_SLOTS * region::DATA_SLOT_LEN + 10_000];
+        let small = vec![9u8; 20_000];
+        let (go_on, wait_go) = std::sync::mpsc::channel::<()>();
+        conn.set_pending_headers(Vec::new());
+        assert!(conn.flush_headers().unwrap());
+        let sender = std::thread::spawn(move || {
+            // Fills every slot, waits in vain, sends the rest inline.
+            conn.send_data(&big, true).unwrap();
+            wait_go.recv().unwrap();
+            // A slot is free again: this chunk takes it, and the next one waits for one.
+            conn.send_data(&small, true).unwrap();
+            conn.send_data(&small, true).unwrap();
+            conn.send_end().unwrap();
+        });
+        let mut frame = Vec::new();
+        let mut kinds = Vec::new();
+        let mut go_on = Some(go_on);
+        loop {
+            let kind = wire::read_frame(&mut worker, &mut frame, 1 << 20).unwrap();
+            if kind == Kind::End {
+                break;
+            }
+            kinds.push(kind);
+            match kinds.iter().filter(|k| **k == Kind::DataSlot).count() {
+                // After the inline rest of the big chunk (a slow client caught up): one slot
+                // back, and the sender goes on.
+                _ if kind == Kind::Data => {
+                    if let Some(go_on) = go_on.take() {
+                        region.release_data_slot(0);
+                        go_on.send(()).unwrap();
+                    }
+                }
+                // The first small chunk took it; the next finds none free, and gets one
+                // 10 ms into its wait.
+                5 => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    region.release_data_slot(1);
+                }
+                _ => {}
+            }
+        }
+        sender.join().unwrap();
+        use Kind::{Data, DataSlot, Headers};
+        assert_eq!(
+            kinds,
+            [Headers, DataSlot, DataSlot, DataSlot, DataSlot, Data, DataSlot, DataSlot]
+        );
     }
 }
