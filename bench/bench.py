@@ -13,9 +13,9 @@ Environment:
   BENCH_ROUNDS=N        rounds (default 3; quick 1)
   BENCH_DURATION=S      seconds per wrk run (default 6; quick 2)
   BENCH_WRK_THREADS=N   wrk threads (default 1, so wrk takes less CPU from Apache on 2 cores)
-  BENCH_PACE_MS=N       "hello paced": each of 64 connections waits N ms after each response
-                        before its next request (default 16: about 4000 req/s offered, half of
-                        what mod_wsgi serves at c=64 on a 2-core machine)
+  BENCH_PACE_MS=N       "hello paced": each of 64 connections waits N ms on average (0 to 2N at
+                        random) after each response before its next request (default 16: about
+                        4000 req/s offered, half of what mod_wsgi serves at c=64 on 2 cores)
   BENCH_OURS_SO=path    mod_wsgi_rs module (default target/release/libmod_wsgi_rs.so)
   BENCH_THEIRS_SO=path  mod_wsgi module (default /usr/lib/apache2/modules/mod_wsgi.so)
   BENCH_ONLY=a,b        run only these scenarios (names as in the table, e.g. hello,64MiB)
@@ -819,8 +819,8 @@ def print_table(rows, meta):
                "64 MiB and 8 MiB >= 2x MB/s;")
     out.append("daemon RSS after 64 MiB <= 48 MiB; Apache children no larger (HWM); cold start (apache2 -k start "
                "to the first 200) no slower. ok/MISS compare the median ratio.")
-    out.append("hello paced: the same load for both modules, each of 64 connections waiting %d ms after every "
-               "response (BENCH_PACE_MS); at c=64 each module" % PACE_MS)
+    out.append("hello paced: the same load for both modules, each of 64 connections waiting %d ms on average "
+               "after every response (BENCH_PACE_MS); at c=64 each module" % PACE_MS)
     out.append("runs flat out, so the faster one has more requests competing for the CPUs, which lengthens "
                "its tail.")
     out.append("static = a 12-byte file served by Apache itself in the same runs: the ceiling for hello "

@@ -13,12 +13,14 @@ if body_bytes > 0 then
    wrk.headers["Content-Type"] = "application/octet-stream"
 end
 
--- BENCH_PACE_MS=N (environment) makes each connection wait N ms after a response before it
--- sends its next request: a fixed load instead of as many requests as the server can take.
+-- BENCH_PACE_MS=N (environment) makes each connection wait N ms on average (0 to 2N, at
+-- random) after a response before it sends its next request: a fixed load instead of as many
+-- requests as the server can take. Random, so the connections do not stay in step and send
+-- their requests in bursts.
 local pace_ms = tonumber(os.getenv("BENCH_PACE_MS") or "0")
 if pace_ms > 0 then
    delay = function()
-      return pace_ms
+      return math.random(0, 2 * pace_ms)
    end
 end
 
