@@ -82,7 +82,7 @@ SCENARIOS = []
 for _c in (1, 16, 64):
     SCENARIOS.append(("hello", _c, "rps", "/app/hello", 0))
 # The same load offered to both modules (c=64 runs each module flat out, and the faster one
-# then has more requests in flight competing for the 2 CPUs): latency at equal load.
+# then keeps the 2 CPUs busier, so single requests wait longer for one): latency at equal load.
 SCENARIOS.append(("hello_paced", 64, "paced", "/app/hello", 0))
 for _c in (1, 16, 64):
     SCENARIOS.append(("static", _c, "rps", "/static.txt", 0))
@@ -821,8 +821,8 @@ def print_table(rows, meta):
                "to the first 200) no slower. ok/MISS compare the median ratio.")
     out.append("hello paced: the same load for both modules, each of 64 connections waiting %d ms on average "
                "after every response (BENCH_PACE_MS); at c=64 each module" % PACE_MS)
-    out.append("runs flat out, so the faster one has more requests competing for the CPUs, which lengthens "
-               "its tail.")
+    out.append("runs flat out, and the faster one keeps the CPUs busier, so single requests wait longer for "
+               "one (the static file has the longest tail).")
     out.append("static = a 12-byte file served by Apache itself in the same runs: the ceiling for hello "
                "(its ratio shows the run-to-run noise).")
     out.append("Other load: CPU time used by processes other than this benchmark's Apache, wrk and "
