@@ -3,10 +3,18 @@
 //! the threads it has serving a request; a worker that wants to reuse an idle connection to
 //! that process first claims a place in its queue, which succeeds only while the requests
 //! being served plus those sent but not yet picked up leave a thread free. The daemon gives the
-//! claim back when it picks the request up. When no process can take a request, the worker
-//! opens a fresh connection instead, which waits in the group's listen backlog for whichever
-//! process frees a thread first: one slow request never holds up the next while another
-//! process idles, and a saturated group queues its requests first come, first served.
+//! claim back when it picks the request up. So one slow request never holds up the next while
+//! another process idles.
+//!
+//! When no process has a thread free, the group is saturated and the request has to wait
+//! somewhere. It waits in the queue of the process with the fewest requests served or queued
+//! (at most `threads` beyond its threads), over a kept connection: each process takes its
+//! queue first come, first served, and a kept connection costs no connect or accept. Such a
+//! request stays withdrawable until a thread picks it up (`wire::region::PICKUP_OFFSET`): its
+//! worker withdraws it and sends it again as soon as another process has a thread free, so a
+//! queue stuck behind long requests does not hold it. Only when no queue has room (or the
+//! worker keeps no connection to a process) does the request open a fresh connection, which
+//! waits in the group's listen backlog for whichever process frees a thread first.
 //!
 //! The board only steers the choice among a group's own connections: a daemon that scribbles
 //! on its slot can slow its own group down, never reach another group (each request still
@@ -65,6 +73,29 @@ impl LoadSlot {
             .is_ok()
     }
 
+    /// A worker's place in this process's queue when no thread is free: true (and counted
+    /// like a claim) while at most `threads` requests wait there beyond those being served.
+    pub fn try_queue(&self) -> bool {
+        let threads = self.threads.load(Ordering::Acquire);
+        let busy = self.busy.load(Ordering::Acquire);
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (busy.saturating_add(queued) < threads.saturating_mul(2)).then_some(queued + 1)
+            })
+            .is_ok()
+    }
+
+    /// Requests being served or promised, or None for a process that is not serving (not
+    /// started yet, or stopping).
+    pub fn load(&self) -> Option<u32> {
+        let threads = self.threads.load(Ordering::Acquire);
+        let load = self
+            .busy
+            .load(Ordering::Acquire)
+            .saturating_add(self.queued.load(Ordering::Acquire));
+        (threads > 0).then_some(load)
+    }
+
     /// A claimed request was picked up by a thread (daemon), or never sent (worker).
     pub fn release_claim(&self) {
         decrement(&self.queued);
@@ -111,6 +142,21 @@ impl LoadBoard {
             Some(slot) => slot.try_claim().then_some(Some(slot)),
         }
     }
+
+    /// A place in the queue of the process in `slot`, when it has no thread free (see
+    /// `LoadSlot::try_queue`); None for an unknown slot or a full queue.
+    pub fn queue(&self, slot: Option<usize>) -> Option<&'static LoadSlot> {
+        let slot = self.slot(slot?)?;
+        slot.try_queue().then_some(slot)
+    }
+
+    /// True when a process other than the one in `except` has a thread free.
+    pub fn free_elsewhere(&self, except: Option<usize>) -> bool {
+        self.slots
+            .iter()
+            .enumerate()
+            .any(|(index, slot)| Some(index) != except && slot.has_free_thread())
+    }
 }
 
 #[cfg(test)]
@@ -144,6 +190,52 @@ mod tests {
             board.claim(Some(1)).is_none(),
             "a stopping process takes nothing new"
         );
+    }
+
+    #[test]
+    fn a_saturated_process_queues_at_most_its_threads_more() {
+        let board = board(2);
+        let slot = board.slot(0).expect("slot 0");
+        assert!(board.queue(Some(0)).is_none(), "not started yet");
+        assert_eq!(slot.load(), None);
+        slot.open(2);
+        slot.enter();
+        slot.enter();
+        assert!(board.claim(Some(0)).is_none(), "both threads busy");
+        assert!(board.queue(Some(0)).is_some(), "queued 1 beyond 2 busy");
+        assert!(board.queue(Some(0)).is_some(), "queued 2 beyond 2 busy");
+        assert!(board.queue(Some(0)).is_none(), "the queue is full");
+        assert_eq!(slot.load(), Some(4));
+        assert!(
+            board.queue(None).is_none(),
+            "an unknown process has no queue"
+        );
+        assert!(board.queue(Some(5)).is_none());
+        slot.close();
+        assert_eq!(slot.load(), None, "a stopping process takes nothing new");
+        assert!(board.queue(Some(0)).is_none());
+    }
+
+    #[test]
+    fn a_free_thread_elsewhere_is_seen() {
+        let board = board(3);
+        let (a, b) = (
+            board.slot(0).expect("slot 0"),
+            board.slot(1).expect("slot 1"),
+        );
+        a.open(1);
+        b.open(1);
+        a.enter();
+        b.enter();
+        assert!(!board.free_elsewhere(Some(0)), "slot 2 never started");
+        assert!(!board.free_elsewhere(None));
+        a.leave();
+        assert!(
+            !board.free_elsewhere(Some(0)),
+            "only the excluded process is free"
+        );
+        assert!(board.free_elsewhere(Some(1)));
+        assert!(board.free_elsewhere(None));
     }
 
     #[test]

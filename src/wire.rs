@@ -432,6 +432,14 @@ pub mod region {
     pub const CONTROL_LEN: usize = 4096;
     /// Offset of the waiting word.
     pub const WAITING_OFFSET: usize = 64;
+    /// Offset of the pickup word, on its own cache line. A worker that sends a request to a
+    /// process with no thread free (it waits in that process's queue, see `crate::load`)
+    /// sets it to PICKUP_QUEUED first, and may withdraw the request (PICKUP_WITHDRAWN) until
+    /// a daemon thread picks it up, which sets it back to PICKUP_NONE.
+    pub const PICKUP_OFFSET: usize = 128;
+    pub const PICKUP_NONE: u32 = 0;
+    pub const PICKUP_QUEUED: u32 = 1;
+    pub const PICKUP_WITHDRAWN: u32 = 2;
     pub const BODY_SLOTS: usize = 2;
     pub const BODY_SLOT_LEN: usize = 256 * 1024;
     pub const DATA_SLOTS: usize = 4;
@@ -453,7 +461,8 @@ pub mod region {
     }
 
     const _: () = assert!(state_offset(DATA_SLOTS) <= WAITING_OFFSET);
-    const _: () = assert!(WAITING_OFFSET + 4 <= CONTROL_LEN);
+    const _: () = assert!(WAITING_OFFSET + 4 <= PICKUP_OFFSET);
+    const _: () = assert!(PICKUP_OFFSET + 4 <= CONTROL_LEN);
     const _: () = assert!(data_slot_offset(DATA_SLOTS) == REGION_LEN);
     const _: () = assert!(REGION_LEN < u32::MAX as usize);
 }

@@ -594,6 +594,127 @@ fn busy_process_is_skipped() {
     assert!(took >= Duration::from_secs(4), "{took:?}");
 }
 
+/// processes=2 threads=1, both busy (P1 for 4 s, P2 for 0.8 s), with idle connections to
+/// both in the one Apache child: two quick requests sent then wait in the processes' queues,
+/// one each, over those kept connections, and the one that waits behind P1's long request is
+/// taken back and sent to P2 as soon as P2 is free. Both finish long before the 4 s request,
+/// served by P2. (Without the taking back, one would wait for the 4 s request.)
+#[test]
+fn a_saturated_group_queues_over_kept_connections_and_never_behind_a_long_request() {
+    let _turn = alone();
+    require_root!();
+    let server = TestServer::start(
+        "MinSpareThreads 1\n\
+         WSGIDaemonProcess two processes=2 threads=1\n\
+         WSGIScriptAlias /p @APPS@/pooling.wsgi process-group=two\n",
+    );
+    let addr = server.addr();
+    let offset = server.error_log().len();
+    // Warm up: four overlapping requests need both processes and their queues, so the child
+    // ends up with idle connections to both (two to each, as a rule).
+    let mut seen = BTreeSet::new();
+    for _ in 0..3 {
+        let round: Vec<u64> = thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 30 }));
+                    s.spawn(|| http_request(addr, "GET", "/p/sleep?secs=0.3", &[], b""))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    let r = h
+                        .join()
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("warm-up: {e}\n{}", server.error_log()));
+                    ok_json(&r, "warm-up").unwrap().u64_of("pid")
+                })
+                .collect()
+        });
+        seen.extend(round);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "the warm-up should have used both processes: {seen:?}"
+    );
+    thread::sleep(Duration::from_millis(200));
+    let connections = |pids: &BTreeSet<u64>| -> Vec<usize> {
+        pids.iter()
+            .map(|&pid| daemon_sockets(&server, pid as u32).connections)
+            .collect()
+    };
+    let before = connections(&seen);
+
+    let scratch = ScratchDir::new("queued");
+    let slow = |secs: f64, mark: &str| {
+        let path = format!("/p/sleep?secs={secs}&mark={}", scratch.join(mark).display());
+        let handle = thread::spawn(move || {
+            let started = Instant::now();
+            (
+                http_request(addr, "GET", &path, &[], b""),
+                started.elapsed(),
+            )
+        });
+        let pid: u64 = scratch
+            .wait_for_file(mark, WAIT)
+            .unwrap_or_else(|| panic!("{mark} never started\n{}", server.error_log()))
+            .trim()
+            .parse()
+            .unwrap();
+        (handle, pid)
+    };
+    let (long, long_pid) = slow(4.0, "long-pid");
+    let (medium, medium_pid) = slow(0.8, "medium-pid");
+    assert_ne!(
+        long_pid, medium_pid,
+        "the second sleep should have found the free process"
+    );
+
+    let quick: Vec<(u64, Duration)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let started = Instant::now();
+                    let r = http_request(addr, "GET", "/p/info", &[], b"")
+                        .unwrap_or_else(|e| panic!("quick: {e}\n{}", server.error_log()));
+                    (
+                        ok_json(&r, "quick").unwrap().u64_of("pid"),
+                        started.elapsed(),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("long on {long_pid}, medium on {medium_pid}, quick: {quick:?}");
+    for (pid, took) in &quick {
+        assert!(
+            *pid == medium_pid && *took < Duration::from_millis(2500),
+            "a quick request waited behind the long request on {long_pid}: {quick:?}"
+        );
+    }
+    assert!(
+        !long.is_finished(),
+        "the long request ended before the quick ones: the test proved nothing"
+    );
+    // Informational: the queued requests went over kept connections when the child had one
+    // to the process it queued at (the unit tests of the pool check the choice itself).
+    eprintln!(
+        "daemon connections (pids {seen:?}) before: {before:?}, after: {:?}",
+        connections(&seen)
+    );
+    let (r, took) = medium.join().unwrap();
+    r.unwrap_or_else(|e| panic!("medium: {e}\n{}", server.error_log()));
+    assert!(took >= Duration::from_millis(800));
+    let (r, took) = long.join().unwrap();
+    let r = r.unwrap_or_else(|e| panic!("long: {e}\n{}", server.error_log()));
+    assert_eq!(ok_json(&r, "long").unwrap().u64_of("pid"), long_pid);
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+    assert_no_wsgi_errors(&server, offset, "queued requests");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Killed daemons
 // ---------------------------------------------------------------------------------------------

@@ -179,6 +179,12 @@ impl Connection {
         Ok(())
     }
 
+    /// A thread picks up the request just read: false if the worker withdrew it meanwhile
+    /// (it waited in this process's queue and went to a process with a free thread instead).
+    pub fn pick_up(&self) -> bool {
+        self.region.as_ref().is_none_or(Region::pick_up)
+    }
+
     /// True once a shared region is in use on this connection.
     pub fn has_region(&self) -> bool {
         self.region.is_some()

@@ -704,7 +704,7 @@ impl Dispatcher {
         let name = &group.spec.name;
         // A request over a kept connection was claimed on the load board by its worker; the
         // claim is given back once the request counts as busy (or is refused).
-        let claim = ReleaseClaim(self.load.filter(|_| !fresh));
+        let mut claim = ReleaseClaim(self.load.filter(|_| !fresh));
         let payload = match conn.read_request() {
             Ok(payload) => payload,
             Err(WireError::Closed) if !fresh => return None,
@@ -737,6 +737,12 @@ impl Dispatcher {
                  request and response bodies ({err}); this connection sends them over its \
                  socket instead."
             );
+        }
+        if !conn.pick_up() {
+            // Its worker withdrew it, and gave the claim back itself: the request went to a
+            // process that had a thread free sooner. The worker closed the connection.
+            claim.0 = None;
+            return None;
         }
         // From here until it ends, the request counts as busy (waiting for the GIL in the
         // pending queue or running), and its worker's claim is no longer needed.

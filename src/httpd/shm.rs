@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use crate::wire::region::{
     body_slot_offset, data_slot_offset, state_offset, BODY_SLOTS, BODY_SLOT_LEN, DATA_SLOTS,
-    DATA_SLOT_LEN, REGION_LEN, WAITING_OFFSET,
+    DATA_SLOT_LEN, PICKUP_NONE, PICKUP_OFFSET, PICKUP_QUEUED, PICKUP_WITHDRAWN, REGION_LEN,
+    WAITING_OFFSET,
 };
 
 /// One mapping of a region.
@@ -248,6 +249,36 @@ impl Region {
             std::ptr::copy_nonoverlapping(self.data_slot_ptr(slot), out.as_mut_ptr(), len);
         }
         out
+    }
+
+    /// Worker side: the request about to be sent waits in the daemon process's queue (no
+    /// thread is free there), so it may be withdrawn until a thread picks it up.
+    pub fn mark_queued(&self) {
+        self.word(PICKUP_OFFSET)
+            .store(PICKUP_QUEUED, Ordering::SeqCst);
+    }
+
+    /// Worker side: true while the queued request has not been picked up.
+    pub fn still_queued(&self) -> bool {
+        self.word(PICKUP_OFFSET).load(Ordering::SeqCst) == PICKUP_QUEUED
+    }
+
+    /// Worker side: withdraws the queued request, unless a daemon thread picked it up first.
+    pub fn withdraw(&self) -> bool {
+        self.word(PICKUP_OFFSET)
+            .compare_exchange(
+                PICKUP_QUEUED,
+                PICKUP_WITHDRAWN,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Daemon side: a thread picks up the request it just read; false if the worker withdrew
+    /// it (it went to another process).
+    pub fn pick_up(&self) -> bool {
+        self.word(PICKUP_OFFSET).swap(PICKUP_NONE, Ordering::SeqCst) != PICKUP_WITHDRAWN
     }
 
     /// Worker side: Apache is done with data slot `slot`; the daemon may fill it again (and is

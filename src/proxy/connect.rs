@@ -131,6 +131,17 @@ pub(super) fn readable(stream: &UnixStream) -> bool {
     matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
+/// Waits up to `timeout` for the daemon to have something for us; true when it has.
+pub(super) fn wait_readable(stream: &UnixStream, timeout: Duration) -> io::Result<bool> {
+    let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    match nix::poll::poll(&mut fds, PollTimeout::from(millis)) {
+        Ok(n) => Ok(n > 0),
+        Err(Errno::EINTR) => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// Writes `bytes` (a whole frame) to the daemon with `fd` attached to them (SCM_RIGHTS).
 pub(super) fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: &OwnedFd) -> io::Result<()> {
     let fds = [fd.as_raw_fd()];

@@ -105,7 +105,8 @@ pub enum ProxyError {
         group: String,
         script: String,
         timeout: Duration,
-        /// "nothing was received", or "the daemon did not take the request body".
+        /// "nothing was received", "the daemon did not take the request body", or "no daemon
+        /// thread took the request".
         what: &'static str,
     },
 

@@ -40,16 +40,16 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::load::LoadBoard;
+use crate::load::{LoadBoard, LoadSlot};
 use crate::logging::Level;
 use crate::wire::{self, Kind, WireError};
 use crate::wsgi_log;
 
 use connect::Sender;
 use error::escape;
-use pool::Idle;
+use pool::{Claim, Idle};
 use region::WorkerRegion;
 
 /// The most response body read from the daemon before it goes to the client (a bigger Data
@@ -202,16 +202,21 @@ pub fn forward(
     }
     let pool = target.pool.filter(|p| p.serves(target.socket_path));
     let mut resends = 0;
+    // A withdrawn request is sent again over a kept connection, but only to a free thread:
+    // it cannot be queued, and so withdrawn, twice.
+    let mut withdrawn = false;
     loop {
         // A resend goes over a new connection: the kept ones may lead to the same stopping
         // process, which is saying goodbye on each of them in turn.
         let kept = pool.filter(|_| resends == 0);
-        let (conn, claim) = match kept.and_then(|p| p.take(&target.load)) {
+        let (conn, claim) = match kept.and_then(|p| p.take(&target.load, !withdrawn)) {
             Some((idle, claim)) => (idle, Some(claim)),
             None => (open(target)?, None),
         };
-        let exchanged = exchange(target, conn, claim.is_some(), environ, client)?;
-        if let (Exchange::NotRead, Some(Some(slot))) = (&exchanged, claim) {
+        let exchanged = exchange(target, conn, claim, environ, client)?;
+        if let (Exchange::NotRead | Exchange::Withdrawn, Some(slot)) =
+            (&exchanged, claim.and_then(|c| c.slot))
+        {
             // The daemon never picked the request up: its place is free again.
             slot.release_claim();
         }
@@ -222,6 +227,7 @@ pub fn forward(
                 }
                 return Ok(outcome);
             }
+            Exchange::Withdrawn => withdrawn = true,
             Exchange::NotRead if resends < MAX_RESENDS => resends += 1,
             Exchange::NotRead => {
                 return Err(ProxyError::TurnedAway {
@@ -290,15 +296,32 @@ enum Exchange {
     Done(Outcome, Option<Idle>),
     /// The daemon closed the connection without reading the request.
     NotRead,
+    /// The request waited in a process's queue, and the worker took it back to send it to a
+    /// process with a thread free (the connection is closed).
+    Withdrawn,
 }
+
+/// How often a worker whose request waits in a process's queue looks for a thread free in
+/// another process of the group.
+const WITHDRAW_CHECK: Duration = Duration::from_millis(10);
 
 fn exchange(
     target: &Target<'_>,
     conn: Idle,
-    reused: bool,
+    claim: Option<Claim>,
     environ: &[u8],
     client: &mut impl Client,
 ) -> Result<Exchange, ProxyError> {
+    let reused = claim.is_some();
+    // Only a connection with a region can carry a queued request: its pickup word is how the
+    // request is withdrawn (the pool hands out no other for queueing).
+    let queued = conn
+        .region
+        .as_ref()
+        .filter(|_| claim.is_some_and(|c| c.queued));
+    if let Some(region) = queued {
+        region.mark_queued();
+    }
     if let Err(source) = wire::write_frame(&mut Sender(&conn.stream), Kind::Request, environ) {
         // A kept connection the daemon closed after we checked it: it never saw the request.
         if reused && is_reset(&source) {
@@ -310,6 +333,12 @@ fn exchange(
             script: target.script.to_owned(),
             source,
         });
+    }
+    if let Some(region) = queued {
+        let claimed = claim.and_then(|c| c.slot);
+        if await_pickup(target, &conn.stream, region, conn.slot, claimed)? {
+            return Ok(Exchange::Withdrawn);
+        }
     }
     let mut relay = Relay {
         target,
@@ -340,6 +369,42 @@ fn exchange(
         region: conn.region,
     });
     Ok(Exchange::Done(outcome, keep))
+}
+
+/// Waits while the request sent over `stream` sits in its process's queue. True when it was
+/// withdrawn because another process of the group has a thread free; false once a daemon
+/// thread picked it up (or the daemon answered). A request no thread picks up within
+/// socket-timeout is withdrawn too, and fails as a request with no answer does.
+fn await_pickup(
+    target: &Target<'_>,
+    stream: &UnixStream,
+    region: &WorkerRegion,
+    slot: Option<usize>,
+    claimed: Option<&LoadSlot>,
+) -> Result<bool, ProxyError> {
+    let started = Instant::now();
+    loop {
+        // An error here shows up again at the first read, which reports it.
+        if connect::wait_readable(stream, WITHDRAW_CHECK).unwrap_or(true) || !region.still_queued()
+        {
+            return Ok(false);
+        }
+        if target.load.free_elsewhere(slot) && region.withdraw() {
+            return Ok(true);
+        }
+        let timeout = target.socket_timeout;
+        if !timeout.is_zero() && started.elapsed() >= timeout && region.withdraw() {
+            if let Some(claimed) = claimed {
+                claimed.release_claim();
+            }
+            return Err(ProxyError::HeaderTimeout {
+                group: target.group.to_owned(),
+                script: target.script.to_owned(),
+                timeout,
+                what: "no daemon thread took the request",
+            });
+        }
+    }
 }
 
 /// The buffer for request body pieces: one of the child's recycled pieces, taken at the first
@@ -1189,6 +1254,170 @@ mod tests {
             client.flushes, 1,
             "a small response is flushed once, at End"
         );
+    }
+
+    /// A board of `n` processes of one thread each, all busy.
+    fn saturated_board(n: usize) -> LoadBoard {
+        let slots: Vec<LoadSlot> = (0..n).map(|_| LoadSlot::default()).collect();
+        let board = LoadBoard::new(Box::leak(slots.into_boxed_slice()));
+        for index in 0..n {
+            let slot = board.slot(index).unwrap();
+            slot.open(1);
+            slot.enter();
+        }
+        board
+    }
+
+    /// A kept connection to the process in `slot`, with a region if `region`; the daemon's
+    /// end, and the region as the daemon maps it.
+    fn kept(slot: usize, region: bool) -> (Idle, UnixStream, Option<Region>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let region = region.then(|| WorkerRegion::create().unwrap());
+        let mapped = region
+            .as_ref()
+            .map(|r| Region::map(r.descriptor()).unwrap());
+        let idle = Idle {
+            stream: ours,
+            slot: Some(slot),
+            region,
+        };
+        (idle, theirs, mapped)
+    }
+
+    /// Serves one request on `stream` with "ok", naming `slot` in its End frame.
+    fn serve_ok(mut stream: UnixStream, slot: u32) -> JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut environ = Vec::new();
+            assert_eq!(
+                wire::read_frame(&mut stream, &mut environ, 0).unwrap(),
+                Kind::Request
+            );
+            let mut all = headers_frame(b"200 OK", &[]);
+            all.extend(frame(Kind::Data, b"ok"));
+            all.extend(frame(Kind::End, &wire::encode_u32(slot)));
+            stream.write_all(&all).unwrap();
+            environ
+        })
+    }
+
+    #[test]
+    fn a_queued_request_goes_to_the_process_that_frees_a_thread_first() {
+        let path = PathBuf::from("/nonexistent/queued.sock");
+        let pool = Pool::new(&path, 8);
+        let load = saturated_board(2);
+        // Process 1's connection cannot carry a queued request (no region): the request
+        // waits in process 0's queue.
+        let (b, b_daemon, _) = kept(1, false);
+        let (a, mut a_daemon, a_region) = kept(0, true);
+        pool.put(b);
+        pool.put(a);
+        let served = serve_ok(b_daemon, 1);
+        let frees = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(60));
+            load.slot(1).unwrap().leave();
+        });
+        let target = Target {
+            pool: Some(&pool),
+            load,
+            ..target(&path)
+        };
+        let started = Instant::now();
+        let mut client = FakeClient::default();
+        let got = forward(&target, &environ(), &mut client).unwrap();
+        let took = started.elapsed();
+        frees.join().unwrap();
+        assert_eq!(got, Outcome::Completed);
+        assert_eq!(client.out, b"ok");
+        assert_eq!(served.join().unwrap(), environ(), "process 1 served it");
+        assert!(
+            took >= Duration::from_millis(60) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        // Process 0 finds the request withdrawn when a thread gets to it, and the connection
+        // closed behind it; the worker gave its place in the queue back.
+        let mut stale = Vec::new();
+        assert_eq!(
+            wire::read_frame(&mut a_daemon, &mut stale, 0).unwrap(),
+            Kind::Request
+        );
+        assert!(!a_region.unwrap().pick_up(), "the request was withdrawn");
+        assert!(matches!(
+            wire::read_frame(&mut a_daemon, &mut stale, 0),
+            Err(WireError::Closed)
+        ));
+        assert_eq!(
+            load.slot(0).unwrap().load(),
+            Some(1),
+            "only its busy thread"
+        );
+        assert_eq!(pool.len(), 1, "process 1's connection is kept again");
+    }
+
+    #[test]
+    fn a_queued_request_picked_up_stays_where_it_is() {
+        let path = PathBuf::from("/nonexistent/queued.sock");
+        let pool = Pool::new(&path, 8);
+        let load = saturated_board(2);
+        let (a, a_daemon, a_region) = kept(0, true);
+        pool.put(a);
+        let a_region = a_region.unwrap();
+        // Process 0 picks the request up, then process 1 frees a thread: the request is
+        // no longer the worker's to withdraw, and process 0's answer is relayed.
+        let daemon = thread::spawn(move || {
+            let mut stream = a_daemon;
+            let mut environ = Vec::new();
+            wire::read_frame(&mut stream, &mut environ, 0).unwrap();
+            thread::sleep(Duration::from_millis(30));
+            assert!(a_region.pick_up(), "not withdrawn yet");
+            load.slot(1).unwrap().leave();
+            thread::sleep(Duration::from_millis(40));
+            let mut all = headers_frame(b"200 OK", &[]);
+            all.extend(frame(Kind::Data, b"from 0"));
+            all.extend(frame(Kind::End, &wire::encode_u32(0)));
+            stream.write_all(&all).unwrap();
+        });
+        let target = Target {
+            pool: Some(&pool),
+            load,
+            ..target(&path)
+        };
+        let mut client = FakeClient::default();
+        assert_eq!(
+            forward(&target, &environ(), &mut client).unwrap(),
+            Outcome::Completed
+        );
+        daemon.join().unwrap();
+        assert_eq!(client.out, b"from 0");
+        assert_eq!(pool.len(), 1);
+    }
+
+    #[test]
+    fn a_queued_request_no_thread_takes_times_out() {
+        let path = PathBuf::from("/nonexistent/queued.sock");
+        let pool = Pool::new(&path, 8);
+        let load = saturated_board(1);
+        let (a, _a_daemon, a_region) = kept(0, true);
+        pool.put(a);
+        let target = Target {
+            pool: Some(&pool),
+            load,
+            socket_timeout: Duration::from_millis(100),
+            ..target(&path)
+        };
+        let started = Instant::now();
+        let err = forward(&target, &environ(), &mut FakeClient::default()).unwrap_err();
+        assert!(
+            matches!(err, ProxyError::HeaderTimeout { .. }),
+            "{err:?}: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(!a_region.unwrap().pick_up(), "withdrawn, so never run");
+        assert_eq!(
+            load.slot(0).unwrap().load(),
+            Some(1),
+            "its place given back"
+        );
+        assert_eq!(err.status(), 504);
     }
 
     #[test]

@@ -25,6 +25,44 @@ pub(super) struct Idle {
     pub(super) region: Option<Arc<WorkerRegion>>,
 }
 
+/// What a worker holds on the process at the other end of the connection it took: a thread
+/// (or, `queued`, a place in its queue), to give back if the request is not sent after all.
+/// No slot: the process has not reported one (it counts as free, with nothing to give back).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Claim {
+    pub(super) slot: Option<&'static LoadSlot>,
+    pub(super) queued: bool,
+}
+
+/// The position of the newest idle connection to the process with the fewest requests being
+/// served or queued, with a place taken in that process's queue.
+fn shortest_queue(idle: &[Idle], load: &LoadBoard) -> Option<(usize, Claim)> {
+    let mut best: Option<(usize, u32)> = None;
+    for (i, conn) in idle.iter().enumerate().rev() {
+        let Some(current) = conn
+            .region
+            .as_ref()
+            .and(conn.slot)
+            .and_then(|index| load.slot(index))
+            .and_then(|slot| slot.load())
+        else {
+            continue;
+        };
+        if best.is_none_or(|(_, fewest)| current < fewest) {
+            best = Some((i, current));
+        }
+    }
+    let (position, _) = best?;
+    let slot = load.queue(idle[position].slot)?;
+    Some((
+        position,
+        Claim {
+            slot: Some(slot),
+            queued: true,
+        },
+    ))
+}
+
 #[derive(Debug)]
 pub struct Pool {
     socket_path: PathBuf,
@@ -52,25 +90,36 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The most recently returned usable connection, if any, with the claim made on its
-    /// process's thread (to give back if the request is not sent after all). Connections
-    /// found closed on the way are dropped.
-    pub(super) fn take(&self, load: &LoadBoard) -> Option<(Idle, Option<&'static LoadSlot>)> {
+    /// The most recently returned usable connection whose process has a thread free, with
+    /// the claim made on that thread (to give back if the request is not sent after all).
+    /// When no process has one and `may_queue`, a connection to the process with the shortest
+    /// queue (see `crate::load`), if that queue has room and the connection shares a region
+    /// (a queued request must stay withdrawable). Connections found closed are dropped.
+    pub(super) fn take(&self, load: &LoadBoard, may_queue: bool) -> Option<(Idle, Claim)> {
         loop {
             let (candidate, claim) = {
                 let mut idle = self.idle();
-                let (position, claim) = idle
-                    .iter()
-                    .enumerate()
-                    .rev()
-                    .find_map(|(i, c)| load.claim(c.slot).map(|claim| (i, claim)))?;
+                let free = idle.iter().enumerate().rev().find_map(|(i, c)| {
+                    load.claim(c.slot).map(|slot| {
+                        let claim = Claim {
+                            slot,
+                            queued: false,
+                        };
+                        (i, claim)
+                    })
+                });
+                let (position, claim) = match free {
+                    Some(found) => found,
+                    None if may_queue => shortest_queue(&idle, load)?,
+                    None => return None,
+                };
                 (idle.remove(position), claim)
             };
             // Anything readable on an idle connection is a Goodbye or an EOF: it is done.
             if !connect::readable(&candidate.stream) {
                 return Some((candidate, claim));
             }
-            if let Some(slot) = claim {
+            if let Some(slot) = claim.slot {
                 slot.release_claim();
             }
         }
@@ -137,17 +186,56 @@ mod tests {
         let (b, _pb) = conn(Some(1));
         pool.put(a);
         pool.put(b);
-        let (got, claim) = pool.take(&load).unwrap();
+        let (got, claim) = pool.take(&load, false).unwrap();
         assert_eq!(got.slot, Some(0), "slot 1 is busy: skipped");
         assert!(
-            claim.is_some_and(|slot| !slot.has_free_thread()),
+            !claim.queued && claim.slot.is_some_and(|slot| !slot.has_free_thread()),
             "slot 0 is claimed"
         );
         assert!(
-            pool.take(&load).is_none(),
+            pool.take(&load, false).is_none(),
             "slot 0 has no thread left to promise"
         );
         assert_eq!(pool.len(), 1);
+    }
+
+    fn conn_with_region(slot: usize) -> (Idle, UnixStream) {
+        let (mut idle, peer) = conn(Some(slot));
+        idle.region = Some(WorkerRegion::create().unwrap());
+        (idle, peer)
+    }
+
+    #[test]
+    fn a_saturated_group_queues_at_the_shortest_queue() {
+        let pool = Pool::new(Path::new("/x.sock"), 8);
+        let load = board(&[true, true, true]);
+        // Slot 1 has a request queued already; slot 2's connection shares no region.
+        assert!(load.queue(Some(1)).is_some());
+        let (a, _pa) = conn_with_region(0);
+        let (b, _pb) = conn_with_region(1);
+        let (c, _pc) = conn(Some(2));
+        pool.put(a);
+        pool.put(b);
+        pool.put(c);
+        assert!(
+            pool.take(&load, false).is_none(),
+            "no thread free, and queueing not allowed"
+        );
+        let (got, claim) = pool.take(&load, true).unwrap();
+        assert_eq!(got.slot, Some(0), "slot 0's queue is the shortest");
+        assert!(claim.queued);
+        assert_eq!(load.slot(0).unwrap().load(), Some(2));
+        assert!(
+            pool.take(&load, true).is_none(),
+            "both queues are full (one beyond one thread), and slot 2's connection could not \
+             be withdrawn"
+        );
+        assert_eq!(pool.len(), 2);
+        assert_eq!(
+            load.slot(1).unwrap().load(),
+            Some(2),
+            "a failed try takes nothing"
+        );
     }
 
     #[test]
@@ -163,7 +251,7 @@ mod tests {
         pool.put(closed);
         pool.put(said_goodbye);
         assert!(
-            pool.take(&load).is_some(),
+            pool.take(&load, true).is_some(),
             "the live one is found under the dead ones"
         );
         assert!(pool.is_empty());
@@ -181,8 +269,8 @@ mod tests {
             .collect();
         assert_eq!(pool.len(), 2);
         let load = LoadBoard::default();
-        assert_eq!(pool.take(&load).unwrap().0.slot, Some(2));
-        assert_eq!(pool.take(&load).unwrap().0.slot, Some(1));
+        assert_eq!(pool.take(&load, true).unwrap().0.slot, Some(2));
+        assert_eq!(pool.take(&load, true).unwrap().0.slot, Some(1));
         drop(peers);
     }
 }

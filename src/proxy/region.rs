@@ -58,6 +58,22 @@ impl WorkerRegion {
         })
     }
 
+    /// The pickup word (see `wire::region::PICKUP_OFFSET`): the request about to be sent
+    /// waits in its process's queue and may be withdrawn.
+    pub fn mark_queued(&self) {
+        self.region.mark_queued();
+    }
+
+    /// True while the queued request has not been picked up by a daemon thread.
+    pub fn still_queued(&self) -> bool {
+        self.region.still_queued()
+    }
+
+    /// Withdraws the queued request; false if a daemon thread picked it up first.
+    pub fn withdraw(&self) -> bool {
+        self.region.withdraw()
+    }
+
     /// Body slot `slot` (0 or 1), for the client's body bytes.
     pub fn body_slot(&self, slot: usize) -> BodySlot<'_> {
         BodySlot {
