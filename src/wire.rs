@@ -432,14 +432,17 @@ pub mod region {
     pub const CONTROL_LEN: usize = 4096;
     /// Offset of the waiting word.
     pub const WAITING_OFFSET: usize = 64;
-    /// Offset of the pickup word, on its own cache line. A worker that sends a request to a
-    /// process with no thread free (it waits in that process's queue, see `crate::load`)
-    /// sets it to PICKUP_QUEUED first, and may withdraw the request (PICKUP_WITHDRAWN) until
-    /// a daemon thread picks it up, which sets it back to PICKUP_NONE.
+    /// Offset of the pickup word, on its own cache line. It is PICKUP_UNMAPPED until the
+    /// daemon has mapped the region (it sets PICKUP_IDLE when a thread picks up a request).
+    /// A worker that sends a request to a process with no thread free (the request waits in
+    /// that process's queue, see `crate::load`) sets PICKUP_QUEUED first, and may withdraw the
+    /// request (PICKUP_WITHDRAWN) until a daemon thread picks it up. Only a daemon that has
+    /// mapped the region gets queued requests: one without it could not see a withdrawal.
     pub const PICKUP_OFFSET: usize = 128;
-    pub const PICKUP_NONE: u32 = 0;
-    pub const PICKUP_QUEUED: u32 = 1;
-    pub const PICKUP_WITHDRAWN: u32 = 2;
+    pub const PICKUP_UNMAPPED: u32 = 0;
+    pub const PICKUP_IDLE: u32 = 1;
+    pub const PICKUP_QUEUED: u32 = 2;
+    pub const PICKUP_WITHDRAWN: u32 = 3;
     pub const BODY_SLOTS: usize = 2;
     pub const BODY_SLOT_LEN: usize = 256 * 1024;
     pub const DATA_SLOTS: usize = 4;

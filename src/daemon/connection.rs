@@ -870,6 +870,31 @@ mod tests {
     }
 
     #[test]
+    fn a_withdrawn_request_is_not_picked_up() {
+        let (conn, _worker, region) = connection_with_region();
+        assert!(
+            !region.mapped_by_daemon(),
+            "mapped, but no request picked up yet"
+        );
+        assert!(conn.pick_up(), "an ordinary request");
+        assert!(
+            region.mapped_by_daemon(),
+            "the worker may now queue requests here"
+        );
+        region.mark_queued();
+        assert!(conn.pick_up(), "a queued request a thread reached first");
+        assert!(!region.withdraw(), "too late to take it back");
+        region.mark_queued();
+        assert!(region.withdraw());
+        assert!(!conn.pick_up(), "withdrawn: it went to another process");
+        let (plain, _peer) = UnixStream::pair().unwrap();
+        assert!(
+            Connection::new(plain, 0).pick_up(),
+            "without a region nothing can be withdrawn"
+        );
+    }
+
+    #[test]
     fn body_comes_through_alternating_body_slots() {
         let (mut conn, mut worker, region) = connection_with_region();
         // Every byte differs from its neighbours' slot-sized offsets, so a slot overwritten

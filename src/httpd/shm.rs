@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use crate::wire::region::{
     body_slot_offset, data_slot_offset, state_offset, BODY_SLOTS, BODY_SLOT_LEN, DATA_SLOTS,
-    DATA_SLOT_LEN, PICKUP_NONE, PICKUP_OFFSET, PICKUP_QUEUED, PICKUP_WITHDRAWN, REGION_LEN,
-    WAITING_OFFSET,
+    DATA_SLOT_LEN, PICKUP_IDLE, PICKUP_OFFSET, PICKUP_QUEUED, PICKUP_UNMAPPED, PICKUP_WITHDRAWN,
+    REGION_LEN, WAITING_OFFSET,
 };
 
 /// One mapping of a region.
@@ -251,6 +251,11 @@ impl Region {
         out
     }
 
+    /// Worker side: true once the daemon has mapped the region (so it sees withdrawals).
+    pub fn mapped_by_daemon(&self) -> bool {
+        self.word(PICKUP_OFFSET).load(Ordering::SeqCst) != PICKUP_UNMAPPED
+    }
+
     /// Worker side: the request about to be sent waits in the daemon process's queue (no
     /// thread is free there), so it may be withdrawn until a thread picks it up.
     pub fn mark_queued(&self) {
@@ -278,7 +283,7 @@ impl Region {
     /// Daemon side: a thread picks up the request it just read; false if the worker withdrew
     /// it (it went to another process).
     pub fn pick_up(&self) -> bool {
-        self.word(PICKUP_OFFSET).swap(PICKUP_NONE, Ordering::SeqCst) != PICKUP_WITHDRAWN
+        self.word(PICKUP_OFFSET).swap(PICKUP_IDLE, Ordering::SeqCst) != PICKUP_WITHDRAWN
     }
 
     /// Worker side: Apache is done with data slot `slot`; the daemon may fill it again (and is

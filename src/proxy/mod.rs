@@ -336,8 +336,10 @@ fn exchange(
     }
     if let Some(region) = queued {
         let claimed = claim.and_then(|c| c.slot);
-        if await_pickup(target, &conn.stream, region, conn.slot, claimed)? {
-            return Ok(Exchange::Withdrawn);
+        match await_pickup(target, &conn.stream, region, conn.slot, claimed)? {
+            Pickup::Taken => {}
+            Pickup::Withdrawn => return Ok(Exchange::Withdrawn),
+            Pickup::NotRead => return Ok(Exchange::NotRead),
         }
     }
     let mut relay = Relay {
@@ -371,26 +373,45 @@ fn exchange(
     Ok(Exchange::Done(outcome, keep))
 }
 
-/// Waits while the request sent over `stream` sits in its process's queue. True when it was
-/// withdrawn because another process of the group has a thread free; false once a daemon
-/// thread picked it up (or the daemon answered). A request no thread picks up within
-/// socket-timeout is withdrawn too, and fails as a request with no answer does.
+/// What became of a request that waited in a process's queue.
+enum Pickup {
+    /// A daemon thread picked it up: its answer follows as usual.
+    Taken,
+    /// The worker took it back, for another process that has a thread free.
+    Withdrawn,
+    /// The daemon closed the connection or said Goodbye before any thread picked it up (it
+    /// died or is stopping): it never ran, so it may be sent again.
+    NotRead,
+}
+
+/// Waits while the request sent over `stream` sits in its process's queue, looking every
+/// WITHDRAW_CHECK for a thread free in another process of the group. A request no thread
+/// picks up within socket-timeout is withdrawn too, and fails as a request with no answer
+/// does (`claimed`, its place in the queue, is given back first).
 fn await_pickup(
     target: &Target<'_>,
     stream: &UnixStream,
     region: &WorkerRegion,
     slot: Option<usize>,
     claimed: Option<&LoadSlot>,
-) -> Result<bool, ProxyError> {
+) -> Result<Pickup, ProxyError> {
     let started = Instant::now();
     loop {
         // An error here shows up again at the first read, which reports it.
-        if connect::wait_readable(stream, WITHDRAW_CHECK).unwrap_or(true) || !region.still_queued()
-        {
-            return Ok(false);
+        let readable = connect::wait_readable(stream, WITHDRAW_CHECK).unwrap_or(true);
+        if !region.still_queued() {
+            return Ok(Pickup::Taken);
+        }
+        if readable {
+            // Before a thread picks a request up, the daemon sends nothing but a Goodbye.
+            return Ok(if region.withdraw() {
+                Pickup::NotRead
+            } else {
+                Pickup::Taken
+            });
         }
         if target.load.free_elsewhere(slot) && region.withdraw() {
-            return Ok(true);
+            return Ok(Pickup::Withdrawn);
         }
         let timeout = target.socket_timeout;
         if !timeout.is_zero() && started.elapsed() >= timeout && region.withdraw() {
@@ -1276,6 +1297,8 @@ mod tests {
         let mapped = region
             .as_ref()
             .map(|r| Region::map(r.descriptor()).unwrap());
+        // As a daemon does with the connection's first request.
+        assert!(mapped.as_ref().is_none_or(Region::pick_up));
         let idle = Idle {
             stream: ours,
             slot: Some(slot),
@@ -1389,6 +1412,45 @@ mod tests {
         daemon.join().unwrap();
         assert_eq!(client.out, b"from 0");
         assert_eq!(pool.len(), 1);
+    }
+
+    #[test]
+    fn a_queued_request_whose_daemon_dies_is_sent_again() {
+        // The group's socket, where the request goes again, on a new connection.
+        let daemon = Daemon::start(|mut s, environ| {
+            assert_eq!(environ, self::environ());
+            let mut all = headers_frame(b"200 OK", &[]);
+            all.extend(frame(Kind::Data, b"again"));
+            all.extend(frame(Kind::End, b""));
+            s.write_all(&all).unwrap();
+        });
+        let path = daemon.path();
+        let pool = Pool::new(&path, 8);
+        let load = saturated_board(1);
+        let (a, a_daemon, _a_region) = kept(0, true);
+        pool.put(a);
+        let dies = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(30));
+            drop(a_daemon);
+        });
+        let target = Target {
+            pool: Some(&pool),
+            load,
+            ..target(&path)
+        };
+        let mut client = FakeClient::default();
+        assert_eq!(
+            forward(&target, &environ(), &mut client).unwrap(),
+            Outcome::Completed
+        );
+        dies.join().unwrap();
+        daemon.join();
+        assert_eq!(client.out, b"again");
+        assert_eq!(
+            load.slot(0).unwrap().load(),
+            Some(1),
+            "its place given back"
+        );
     }
 
     #[test]

@@ -42,6 +42,7 @@ fn shortest_queue(idle: &[Idle], load: &LoadBoard) -> Option<(usize, Claim)> {
         let Some(current) = conn
             .region
             .as_ref()
+            .filter(|region| region.mapped_by_daemon())
             .and(conn.slot)
             .and_then(|index| load.slot(index))
             .and_then(|slot| slot.load())
@@ -93,8 +94,9 @@ impl Pool {
     /// The most recently returned usable connection whose process has a thread free, with
     /// the claim made on that thread (to give back if the request is not sent after all).
     /// When no process has one and `may_queue`, a connection to the process with the shortest
-    /// queue (see `crate::load`), if that queue has room and the connection shares a region
-    /// (a queued request must stay withdrawable). Connections found closed are dropped.
+    /// queue (see `crate::load`), if that queue has room and the daemon mapped the region the
+    /// connection shares (a queued request must stay withdrawable). Connections found closed
+    /// are dropped.
     pub(super) fn take(&self, load: &LoadBoard, may_queue: bool) -> Option<(Idle, Claim)> {
         loop {
             let (candidate, claim) = {
@@ -199,24 +201,34 @@ mod tests {
         assert_eq!(pool.len(), 1);
     }
 
-    fn conn_with_region(slot: usize) -> (Idle, UnixStream) {
+    /// A connection sharing a region, which its daemon has mapped (and served a request
+    /// with) if `mapped`.
+    fn conn_with_region(slot: usize, mapped: bool) -> (Idle, UnixStream) {
         let (mut idle, peer) = conn(Some(slot));
-        idle.region = Some(WorkerRegion::create().unwrap());
+        let region = WorkerRegion::create().unwrap();
+        if mapped {
+            let daemon_side = crate::httpd::shm::Region::map(region.descriptor()).unwrap();
+            assert!(daemon_side.pick_up());
+        }
+        idle.region = Some(region);
         (idle, peer)
     }
 
     #[test]
     fn a_saturated_group_queues_at_the_shortest_queue() {
         let pool = Pool::new(Path::new("/x.sock"), 8);
-        let load = board(&[true, true, true]);
-        // Slot 1 has a request queued already; slot 2's connection shares no region.
+        let load = board(&[true, true, true, true]);
+        // Slot 1 has a request queued already; slot 2's connection shares no region, and
+        // slot 3's daemon never mapped the one it was offered.
         assert!(load.queue(Some(1)).is_some());
-        let (a, _pa) = conn_with_region(0);
-        let (b, _pb) = conn_with_region(1);
+        let (a, _pa) = conn_with_region(0, true);
+        let (b, _pb) = conn_with_region(1, true);
         let (c, _pc) = conn(Some(2));
+        let (d, _pd) = conn_with_region(3, false);
         pool.put(a);
         pool.put(b);
         pool.put(c);
+        pool.put(d);
         assert!(
             pool.take(&load, false).is_none(),
             "no thread free, and queueing not allowed"
@@ -227,10 +239,10 @@ mod tests {
         assert_eq!(load.slot(0).unwrap().load(), Some(2));
         assert!(
             pool.take(&load, true).is_none(),
-            "both queues are full (one beyond one thread), and slot 2's connection could not \
-             be withdrawn"
+            "both queues are full (one beyond one thread), and neither slot 2's nor slot 3's \
+             connection could be withdrawn"
         );
-        assert_eq!(pool.len(), 2);
+        assert_eq!(pool.len(), 3);
         assert_eq!(
             load.slot(1).unwrap().load(),
             Some(2),

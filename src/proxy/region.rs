@@ -58,6 +58,12 @@ impl WorkerRegion {
         })
     }
 
+    /// True once the daemon has mapped the region: only then may a request wait in its queue
+    /// (see `wire::region::PICKUP_OFFSET`).
+    pub fn mapped_by_daemon(&self) -> bool {
+        self.region.mapped_by_daemon()
+    }
+
     /// The pickup word (see `wire::region::PICKUP_OFFSET`): the request about to be sent
     /// waits in its process's queue and may be withdrawn.
     pub fn mark_queued(&self) {
