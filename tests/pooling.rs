@@ -472,6 +472,75 @@ fn maximum_requests_restarts_lose_no_request() {
     assert_no_wsgi_errors(&server, offset, "maximum-requests recycling");
 }
 
+/// Under steady load from 16 keep-alive clients (more than the two processes' threads and
+/// queues hold, so new connections to the group's socket keep coming), maximum-requests=10
+/// still recycles both processes, again and again, and no request fails. A stopping daemon
+/// must not take the new connections that keep arriving on the group's socket (the socket
+/// stays with Apache; another process or the replacement takes them), or it never stops.
+#[test]
+fn maximum_requests_recycles_under_steady_load() {
+    let _turn = shared();
+    let server = TestServer::start(
+        "WSGIDaemonProcess steady processes=2 threads=2 maximum-requests=10\n\
+         WSGIScriptAlias /p @APPS@/pooling.wsgi process-group=steady\n",
+    );
+    let offset = server.error_log().len();
+    let addr = server.addr();
+    let until = Instant::now() + Duration::from_secs(4);
+    let (pids, failures, count) = thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut client = Client::keep();
+                    let mut pids = BTreeSet::new();
+                    let mut failures = Vec::new();
+                    let mut k = 0;
+                    while Instant::now() < until {
+                        let r = client
+                            .request(addr, "GET", "/p/info", &[], b"")
+                            .and_then(|r| ok_json(&r, "GET /p/info"))
+                            .and_then(|j| j["pid"].as_u64().ok_or_else(|| "no pid".to_string()));
+                        match r {
+                            Ok(pid) => {
+                                pids.insert(pid);
+                            }
+                            Err(e) => failures.push(e),
+                        }
+                        k += 1;
+                    }
+                    (pids, failures, k)
+                })
+            })
+            .collect();
+        let mut pids = BTreeSet::new();
+        let mut failures = Vec::new();
+        let mut count = 0;
+        for h in handles {
+            let (p, f, k) = h.join().unwrap();
+            pids.extend(p);
+            failures.extend(f);
+            count += k;
+        }
+        (pids, failures, count)
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {count} requests failed:\n{}\n--- error_log ---\n{}",
+        failures.len(),
+        failures.join("\n"),
+        server.error_log()
+    );
+    eprintln!("{count} requests, pids {pids:?}");
+    assert!(
+        pids.len() >= 6,
+        "maximum-requests=10 over {count} requests in 4 s should have replaced both \
+         processes at least twice each; pids seen: {pids:?}\n{}",
+        server.error_log()
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_no_wsgi_errors(&server, offset, "maximum-requests under steady load");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. A busy process is passed over
 // ---------------------------------------------------------------------------------------------

@@ -228,7 +228,12 @@ pub fn run(ctx: DaemonContext) -> i32 {
 /// This process's stop signal, for a restart requested from inside (see `request_restart`).
 static PROCESS_STOP: OnceLock<Arc<StopSignal>> = OnceLock::new();
 static RESTART_REQUESTED: AtomicBool = AtomicBool::new(false);
-/// After Apache's graceful signal, how long a daemon keeps accepting on its old socket.
+/// The process restarts itself (a lifecycle limit, a changed script): its group's socket stays
+/// open in Apache's parent, so a connection waiting there is taken by another process of the
+/// group or by the replacement, and the process accepts none while it stops.
+static SOCKET_STAYS: AtomicBool = AtomicBool::new(false);
+/// After Apache's graceful signal, how long a daemon keeps accepting on its old socket; once
+/// stopping, how long it goes on taking what already waits there.
 const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 /// Requests in flight are stuck (request-timeout, deadlock-timeout): exit without waiting.
 static IMMEDIATE_EXIT: AtomicBool = AtomicBool::new(false);
@@ -278,6 +283,7 @@ pub fn apply_verdict(name: &str, verdict: Verdict) {
                 "WSGIRS0444: [{name}] Restarting daemon process now: {why}; requests in flight \
                  are abandoned."
             );
+            SOCKET_STAYS.store(true, Ordering::SeqCst);
             RESTART_REQUESTED.store(true, Ordering::SeqCst);
             if let Some(stop) = PROCESS_STOP.get() {
                 stop.trigger();
@@ -290,6 +296,7 @@ pub fn apply_verdict(name: &str, verdict: Verdict) {
 /// flight finish, and exits; the supervisor starts a fresh one. Logs `why` once.
 pub fn request_restart(why: &str) {
     if !RESTART_REQUESTED.swap(true, Ordering::SeqCst) {
+        SOCKET_STAYS.store(true, Ordering::SeqCst);
         wsgi_log!(Level::Info, "{why}");
         if let Some(stop) = PROCESS_STOP.get() {
             stop.trigger();
@@ -583,14 +590,21 @@ impl Dispatcher {
         }
     }
 
-    /// The process is stopping: serve the first request of every connection that already
-    /// reached the listener (those have nowhere else to go), and close the idle ones with a
-    /// Goodbye, which tells their workers to send their next request elsewhere.
+    /// The process is stopping: close the idle connections with a Goodbye, which tells their
+    /// workers to send their next request elsewhere. When Apache stops or restarts, the socket
+    /// goes away with its processes: first serve the first request of every connection that
+    /// already reached it (those have nowhere else to go), for at most DRAIN_WINDOW. A process
+    /// that restarts itself leaves its socket alone: under steady load new connections keep
+    /// arriving there, and taking them would keep it from ever stopping.
     fn drain(&self, thread: usize) {
         if let Some(slot) = self.load {
             slot.close();
         }
-        while let Ok(fd) = accept4(self.listen_fd, SockFlag::SOCK_CLOEXEC) {
+        let until = Instant::now() + DRAIN_WINDOW;
+        while !SOCKET_STAYS.load(Ordering::SeqCst) && Instant::now() < until {
+            let Ok(fd) = accept4(self.listen_fd, SockFlag::SOCK_CLOEXEC) else {
+                break;
+            };
             let stream = UnixStream::from(listener::own_accepted(fd));
             if let Some(conn) = admit(stream, &self.group, self.slot) {
                 self.serve(conn, thread, true);
