@@ -34,6 +34,9 @@ pub struct LoadSlot {
     queued: AtomicU32,
     /// The process's threads= (zero until it has started).
     threads: AtomicU32,
+    /// In a group's first slot only: which process (its index + 1; 0: none) holds the turn to
+    /// restart for a limit all of them reach together (see `LoadBoard::take_restart_turn`).
+    restart_turn: AtomicU32,
 }
 
 impl LoadSlot {
@@ -150,6 +153,49 @@ impl LoadBoard {
         slot.try_queue().then_some(slot)
     }
 
+    /// The process in `mine` starts serving; if it replaces the process that held the restart
+    /// turn, the turn is free again.
+    pub fn open(&self, mine: usize, threads: u32) {
+        let Some(slot) = self.slot(mine) else {
+            return;
+        };
+        slot.open(threads);
+        if let (Some(first), Ok(holder)) = (self.slots.first(), u32::try_from(mine + 1)) {
+            let _ =
+                first
+                    .restart_turn
+                    .compare_exchange(holder, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// The process in `mine` asks for the turn to restart: granted (and held until its
+    /// replacement opens the slot) only while every other process of the group serves and
+    /// none holds the turn. So the processes of a group restart one at a time, and the group
+    /// never stops serving all at once. Without a board, always granted.
+    pub fn take_restart_turn(&self, mine: usize) -> bool {
+        let Some(first) = self.slots.first() else {
+            return true;
+        };
+        let Ok(me) = u32::try_from(mine + 1) else {
+            return true;
+        };
+        let others_serve = self
+            .slots
+            .iter()
+            .enumerate()
+            .all(|(index, slot)| index == mine || slot.load().is_some());
+        if !others_serve {
+            return false;
+        }
+        match first
+            .restart_turn
+            .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(holder) => holder == me,
+        }
+    }
+
     /// True when a process other than the one in `except` has a thread free.
     pub fn free_elsewhere(&self, except: Option<usize>) -> bool {
         self.slots
@@ -236,6 +282,36 @@ mod tests {
         );
         assert!(board.free_elsewhere(Some(1)));
         assert!(board.free_elsewhere(None));
+    }
+
+    #[test]
+    fn processes_take_turns_to_restart() {
+        let board = board(3);
+        for index in 0..3 {
+            board.open(index, 2);
+        }
+        assert!(board.take_restart_turn(1));
+        assert!(board.take_restart_turn(1), "asking again keeps it");
+        assert!(!board.take_restart_turn(0), "1 holds the turn");
+        board.slot(1).expect("slot 1").close();
+        assert!(!board.take_restart_turn(2), "1 is down");
+        board.open(1, 2);
+        assert!(
+            board.take_restart_turn(2),
+            "1's replacement serves: the turn is free"
+        );
+        board.open(0, 2);
+        assert!(
+            !board.take_restart_turn(0),
+            "reopening 0 does not free 2's turn"
+        );
+        board.slot(2).expect("slot 2").close();
+        board.open(2, 2);
+        assert!(board.take_restart_turn(0));
+        assert!(
+            LoadBoard::default().take_restart_turn(0),
+            "no board: no one to wait for"
+        );
     }
 
     #[test]

@@ -40,6 +40,10 @@ impl Policy {
 pub enum Verdict {
     /// Stop accepting, let requests in flight finish (graceful-timeout), exit, be replaced.
     Graceful(String),
+    /// Like Graceful, but for a limit every process of a group tends to reach at about the
+    /// same time (maximum-requests under balanced load, restart-interval): the processes of a
+    /// group take turns, so the group never stops serving all at once.
+    InTurn(String),
     /// Exit now: the requests in flight are stuck and cannot finish.
     Immediate(String),
 }
@@ -107,7 +111,7 @@ impl Activity {
     /// maximum-requests is checked where a request finishes.
     pub fn reached_maximum(&self, policy: &Policy, finished: u64) -> Option<Verdict> {
         (policy.maximum_requests > 0 && finished >= policy.maximum_requests).then(|| {
-            Verdict::Graceful(format!(
+            Verdict::InTurn(format!(
                 "maximum-requests reached ({finished} requests served)"
             ))
         })
@@ -143,7 +147,7 @@ impl Activity {
         }
         if let Some(limit) = policy.restart_interval {
             if now >= secs(limit) {
-                return Some(Verdict::Graceful(format!(
+                return Some(Verdict::InTurn(format!(
                     "restart-interval of {}s reached",
                     limit.as_secs()
                 )));
@@ -215,10 +219,7 @@ mod tests {
         assert_eq!(a.reached_maximum(&p, n), None);
         a.request_finished(0);
         let n = a.request_finished(0);
-        assert!(matches!(
-            a.reached_maximum(&p, n),
-            Some(Verdict::Graceful(_))
-        ));
+        assert!(matches!(a.reached_maximum(&p, n), Some(Verdict::InTurn(_))));
     }
 
     #[test]
@@ -258,7 +259,7 @@ mod tests {
             ..policy()
         };
         assert_eq!(a.verdict(&p, 9_999), None);
-        assert!(matches!(a.verdict(&p, 10_000), Some(Verdict::Graceful(_))));
+        assert!(matches!(a.verdict(&p, 10_000), Some(Verdict::InTurn(_))));
 
         let p = Policy {
             deadlock_timeout: Some(Duration::from_secs(3)),

@@ -182,11 +182,11 @@ pub fn run(ctx: DaemonContext) -> i32 {
             return EXIT_SETUP_FAILED;
         }
     };
-    if let Some(slot) = ctx.load {
-        slot.open(thread_count);
+    if ctx.load.is_some() {
+        group.load.open(ctx.slot as usize, thread_count);
     }
     activity.gil_acquired();
-    start_monitor(&group, &stop, activity);
+    start_monitor(&group, ctx.slot, &stop, activity);
     let mut threads = Vec::new();
     for index in 0..thread_count {
         let dispatcher = Arc::clone(&dispatcher);
@@ -240,7 +240,12 @@ static IMMEDIATE_EXIT: AtomicBool = AtomicBool::new(false);
 
 /// Watches the lifecycle limits once per tick, and (for deadlock-timeout) keeps proving that
 /// the GIL can be acquired.
-fn start_monitor(group: &Arc<GroupRuntime>, stop: &Arc<StopSignal>, activity: &'static Activity) {
+fn start_monitor(
+    group: &Arc<GroupRuntime>,
+    slot: u32,
+    stop: &Arc<StopSignal>,
+    activity: &'static Activity,
+) {
     let policy = Policy::from_spec(&group.spec);
     if policy == Policy::default() {
         return;
@@ -257,23 +262,59 @@ fn start_monitor(group: &Arc<GroupRuntime>, stop: &Arc<StopSignal>, activity: &'
             });
     }
     let stop = Arc::clone(stop);
-    let name = group.spec.name.clone();
+    let group = Arc::clone(group);
     let _ = std::thread::Builder::new()
         .name("wsgi-monitor".into())
         .spawn(move || {
             while !stop.sleep(Duration::from_millis(200)) {
                 match activity.verdict(&policy, activity.now_ms()) {
-                    Some(verdict) => return apply_verdict(&name, verdict),
-                    None => continue,
+                    Some(verdict) if restart_now(&group, slot, &verdict) => {
+                        return apply_verdict(&group.spec.name, verdict)
+                    }
+                    _ => continue,
                 }
             }
         });
 }
 
+/// How long a process due to restart in turn (see `Verdict::InTurn`) waits for another
+/// process of its group to come back first: a process that cannot start at all must not keep
+/// the others from restarting forever.
+const TURN_WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// True when this process (`slot` on its group's board) may restart for `verdict` now. An
+/// InTurn restart waits for the group's restart turn (see `LoadBoard::take_restart_turn`), up
+/// to TURN_WAIT_LIMIT from the first time it had to wait (said once in the log); it is asked
+/// again at the next request end or monitor tick.
+fn restart_now(group: &GroupRuntime, slot: u32, verdict: &Verdict) -> bool {
+    static WAITING_SINCE: OnceLock<Instant> = OnceLock::new();
+    let Verdict::InTurn(why) = verdict else {
+        return true;
+    };
+    if group.load.take_restart_turn(slot as usize) {
+        return true;
+    }
+    let mut first = false;
+    let since = WAITING_SINCE.get_or_init(|| {
+        first = true;
+        Instant::now()
+    });
+    if first {
+        wsgi_log!(
+            Level::Info,
+            "WSGIRS0449: [{}] {why}; another process of the group is restarting, so this one \
+             restarts once it is back (at most {}s from now).",
+            group.spec.name,
+            TURN_WAIT_LIMIT.as_secs()
+        );
+    }
+    since.elapsed() >= TURN_WAIT_LIMIT
+}
+
 /// Restarts this process as a lifecycle verdict says.
 pub fn apply_verdict(name: &str, verdict: Verdict) {
     match verdict {
-        Verdict::Graceful(why) => request_restart(&format!(
+        Verdict::Graceful(why) | Verdict::InTurn(why) => request_restart(&format!(
             "WSGIRS0443: [{name}] Restarting daemon process gracefully: {why}."
         )),
         Verdict::Immediate(why) => {
@@ -808,7 +849,9 @@ impl Dispatcher {
         if let Some(a) = lifecycle::activity() {
             let finished = a.request_finished(thread);
             if let Some(verdict) = a.reached_maximum(&self.policy, finished) {
-                apply_verdict(&self.group.spec.name, verdict);
+                if restart_now(&self.group, self.slot, &verdict) {
+                    apply_verdict(&self.group.spec.name, verdict);
+                }
             }
         }
     }
