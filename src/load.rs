@@ -196,12 +196,13 @@ impl LoadBoard {
         }
     }
 
-    /// True when a process other than the one in `except` has a thread free.
-    pub fn free_elsewhere(&self, except: Option<usize>) -> bool {
+    /// Claims a free thread of a process other than the one in `except`: that process's
+    /// index and slot (to give the claim back to), or None when no other process has one.
+    pub fn claim_elsewhere(&self, except: Option<usize>) -> Option<(usize, &'static LoadSlot)> {
         self.slots
             .iter()
             .enumerate()
-            .any(|(index, slot)| Some(index) != except && slot.has_free_thread())
+            .find(|&(index, slot)| Some(index) != except && slot.try_claim())
     }
 }
 
@@ -263,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn a_free_thread_elsewhere_is_seen() {
+    fn a_free_thread_elsewhere_is_claimed() {
         let board = board(3);
         let (a, b) = (
             board.slot(0).expect("slot 0"),
@@ -273,15 +274,22 @@ mod tests {
         b.open(1);
         a.enter();
         b.enter();
-        assert!(!board.free_elsewhere(Some(0)), "slot 2 never started");
-        assert!(!board.free_elsewhere(None));
+        assert!(
+            board.claim_elsewhere(Some(0)).is_none(),
+            "slot 2 never started"
+        );
         a.leave();
         assert!(
-            !board.free_elsewhere(Some(0)),
+            board.claim_elsewhere(Some(0)).is_none(),
             "only the excluded process is free"
         );
-        assert!(board.free_elsewhere(Some(1)));
-        assert!(board.free_elsewhere(None));
+        let (index, claimed) = board.claim_elsewhere(Some(1)).expect("slot 0 is free");
+        assert_eq!(index, 0);
+        assert!(!claimed.has_free_thread(), "its one thread is promised now");
+        assert!(
+            board.claim_elsewhere(None).is_none(),
+            "a second worker finds nothing left to claim"
+        );
     }
 
     #[test]

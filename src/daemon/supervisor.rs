@@ -230,6 +230,14 @@ pub fn child_died(slot: usize, reported: Option<i32>) {
         );
         return;
     }
+    // A process that died without stopping left its slot on the load board open: close it,
+    // so no worker claims a thread there and its group sees it down until it is replaced.
+    if let Some(board_slot) = supervisor.registry.groups[group_index]
+        .load
+        .slot(supervisor.slots[slot].process)
+    {
+        board_slot.close();
+    }
     let slot_state = &mut supervisor.slots[slot];
     // The process slept its back-off before starting: that time is not "running".
     let lived = slot_state

@@ -108,11 +108,16 @@ pub fn run(ctx: DaemonContext) -> i32 {
                         // Apache's graceful restart: the new generation's socket has taken our
                         // path; serve what already reached ours for a moment, then drain.
                         Ok(Signal::SIGUSR1 | Signal::SIGWINCH) => {
+                            SOCKET_STAYS.store(false, Ordering::SeqCst);
                             RESTART_REQUESTED.store(true, Ordering::SeqCst);
                             std::thread::sleep(DRAIN_WINDOW);
                             return stop.trigger();
                         }
-                        Ok(_) => return stop.trigger(),
+                        // Apache stops: the socket goes away with it.
+                        Ok(_) => {
+                            SOCKET_STAYS.store(false, Ordering::SeqCst);
+                            return stop.trigger();
+                        }
                         Err(_) => return,
                     }
                 }
@@ -232,8 +237,7 @@ static RESTART_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// open in Apache's parent, so a connection waiting there is taken by another process of the
 /// group or by the replacement, and the process accepts none while it stops.
 static SOCKET_STAYS: AtomicBool = AtomicBool::new(false);
-/// After Apache's graceful signal, how long a daemon keeps accepting on its old socket; once
-/// stopping, how long it goes on taking what already waits there.
+/// After Apache's graceful signal, how long a daemon keeps accepting on its old socket.
 const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 /// Requests in flight are stuck (request-timeout, deadlock-timeout): exit without waiting.
 static IMMEDIATE_EXIT: AtomicBool = AtomicBool::new(false);
@@ -267,7 +271,12 @@ fn start_monitor(
         .name("wsgi-monitor".into())
         .spawn(move || {
             while !stop.sleep(Duration::from_millis(200)) {
-                match activity.verdict(&policy, activity.now_ms()) {
+                // A maximum-requests restart waiting for its turn is asked again here too:
+                // an idle process sees no request end.
+                let verdict = activity
+                    .verdict(&policy, activity.now_ms())
+                    .or_else(waiting_for_turn);
+                match verdict {
                     Some(verdict) if restart_now(&group, slot, &verdict) => {
                         return apply_verdict(&group.spec.name, verdict)
                     }
@@ -282,12 +291,14 @@ fn start_monitor(
 /// the others from restarting forever.
 const TURN_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
+/// An InTurn restart this process is waiting to take its turn for: since when, and why.
+static WAITING_FOR_TURN: OnceLock<(Instant, String)> = OnceLock::new();
+
 /// True when this process (`slot` on its group's board) may restart for `verdict` now. An
 /// InTurn restart waits for the group's restart turn (see `LoadBoard::take_restart_turn`), up
-/// to TURN_WAIT_LIMIT from the first time it had to wait (said once in the log); it is asked
-/// again at the next request end or monitor tick.
+/// to TURN_WAIT_LIMIT from the first time it had to wait (said once in the log); the monitor
+/// asks again every tick (`waiting_for_turn`).
 fn restart_now(group: &GroupRuntime, slot: u32, verdict: &Verdict) -> bool {
-    static WAITING_SINCE: OnceLock<Instant> = OnceLock::new();
     let Verdict::InTurn(why) = verdict else {
         return true;
     };
@@ -295,9 +306,9 @@ fn restart_now(group: &GroupRuntime, slot: u32, verdict: &Verdict) -> bool {
         return true;
     }
     let mut first = false;
-    let since = WAITING_SINCE.get_or_init(|| {
+    let (since, _) = WAITING_FOR_TURN.get_or_init(|| {
         first = true;
-        Instant::now()
+        (Instant::now(), why.clone())
     });
     if first {
         wsgi_log!(
@@ -309,6 +320,13 @@ fn restart_now(group: &GroupRuntime, slot: u32, verdict: &Verdict) -> bool {
         );
     }
     since.elapsed() >= TURN_WAIT_LIMIT
+}
+
+/// The InTurn restart this process waits to take its turn for, if any.
+fn waiting_for_turn() -> Option<Verdict> {
+    WAITING_FOR_TURN
+        .get()
+        .map(|(_, why)| Verdict::InTurn(why.clone()))
 }
 
 /// Restarts this process as a lifecycle verdict says.
@@ -529,6 +547,8 @@ impl Dispatcher {
             }
             match events[0].data() {
                 STOP => return self.drain(thread),
+                // Stopping: the level-triggered STOP may come after a ready listener.
+                LISTENER if self.stop.is_set() => return self.drain(thread),
                 LISTENER => self.accept(thread),
                 token => {
                     let conn = self.parked().take(token);
@@ -633,16 +653,16 @@ impl Dispatcher {
 
     /// The process is stopping: close the idle connections with a Goodbye, which tells their
     /// workers to send their next request elsewhere. When Apache stops or restarts, the socket
-    /// goes away with its processes: first serve the first request of every connection that
-    /// already reached it (those have nowhere else to go), for at most DRAIN_WINDOW. A process
-    /// that restarts itself leaves its socket alone: under steady load new connections keep
-    /// arriving there, and taking them would keep it from ever stopping.
+    /// goes away with its processes (a graceful restart's new socket has taken its path, so
+    /// nothing new arrives): first serve the first request of every connection that already
+    /// reached it, which has nowhere else to go. A process that restarts itself leaves its
+    /// socket alone: under steady load new connections keep arriving there, and taking them
+    /// would keep it from ever stopping.
     fn drain(&self, thread: usize) {
         if let Some(slot) = self.load {
             slot.close();
         }
-        let until = Instant::now() + DRAIN_WINDOW;
-        while !SOCKET_STAYS.load(Ordering::SeqCst) && Instant::now() < until {
+        while !SOCKET_STAYS.load(Ordering::SeqCst) {
             let Ok(fd) = accept4(self.listen_fd, SockFlag::SOCK_CLOEXEC) else {
                 break;
             };
@@ -771,6 +791,16 @@ impl Dispatcher {
                 return None;
             }
         };
+        // A kept connection's region is mapped already: the request is picked up (or found
+        // withdrawn) before anything else, so the worker cannot also withdraw a request
+        // refused below (each would give its claim back).
+        let had_region = conn.has_region();
+        if had_region && !conn.pick_up() {
+            // Its worker withdrew it, and gave the claim back itself: the request went to a
+            // process that had a thread free sooner. The worker closed the connection.
+            claim.0 = None;
+            return None;
+        }
         let pairs: Vec<(&[u8], &[u8])> = match wire::pairs(Kind::Request, &payload).collect() {
             Ok(pairs) => pairs,
             Err(err) => {
@@ -793,11 +823,10 @@ impl Dispatcher {
                  socket instead."
             );
         }
-        if !conn.pick_up() {
-            // Its worker withdrew it, and gave the claim back itself: the request went to a
-            // process that had a thread free sooner. The worker closed the connection.
-            claim.0 = None;
-            return None;
+        if !had_region {
+            // A region mapped just now says so (a connection's first request is never
+            // queued, so there is nothing to find withdrawn): later requests may be queued.
+            let _ = conn.pick_up();
         }
         // From here until it ends, the request counts as busy (waiting for the GIL in the
         // pending queue or running), and its worker's claim is no longer needed.

@@ -184,8 +184,10 @@ const MAX_RESENDS: u32 = 4;
 /// already encoded. Blocks the calling Apache worker thread until the response is relayed.
 ///
 /// The request goes over an idle connection from `target.pool` when one leads to a daemon
-/// process with a free thread, otherwise over a new one; a connection whose response ended
-/// cleanly goes back to the pool. A daemon that closes an idle connection answers Goodbye
+/// process with a free thread; when none has one, it waits in the shortest queue of a
+/// process it has an idle connection to, withdrawable until picked up (see `crate::load`);
+/// otherwise it goes over a new connection. A connection whose response ended cleanly goes
+/// back to the pool. A daemon that closes an idle connection answers Goodbye
 /// (or the connection is already gone when the request is written): nothing was read, so the
 /// request is sent again, whatever its method.
 pub fn forward(
@@ -202,19 +204,39 @@ pub fn forward(
     }
     let pool = target.pool.filter(|p| p.serves(target.socket_path));
     let mut resends = 0;
-    // A withdrawn request is sent again over a kept connection, but only to a free thread:
-    // it cannot be queued, and so withdrawn, twice.
-    let mut withdrawn = false;
+    // Only a request whose frame fits in the socket's buffer is queued: the worker must get
+    // past the write to be able to withdraw it.
+    let mut may_queue = environ.len() <= QUEUED_ENVIRON_MAX;
+    // A withdrawn request holds a claim on a free thread of another process.
+    let mut reserved: Option<(usize, &'static LoadSlot)> = None;
     loop {
         // A resend goes over a new connection: the kept ones may lead to the same stopping
         // process, which is saying goodbye on each of them in turn.
         let kept = pool.filter(|_| resends == 0);
-        let (conn, claim) = match kept.and_then(|p| p.take(&target.load, !withdrawn)) {
+        let taken = match reserved.take() {
+            Some((index, slot)) => {
+                let conn = kept.and_then(|p| p.take_to(index));
+                if conn.is_none() {
+                    // No kept connection to it: a new one reaches whichever process has a
+                    // thread free, and the daemon takes no claim back from a new connection.
+                    slot.release_claim();
+                }
+                conn.map(|idle| {
+                    let claim = Claim {
+                        slot: Some(slot),
+                        queued: false,
+                    };
+                    (idle, claim)
+                })
+            }
+            None => kept.and_then(|p| p.take(&target.load, may_queue)),
+        };
+        let (conn, claim) = match taken {
             Some((idle, claim)) => (idle, Some(claim)),
             None => (open(target)?, None),
         };
         let exchanged = exchange(target, conn, claim, environ, client)?;
-        if let (Exchange::NotRead | Exchange::Withdrawn, Some(slot)) =
+        if let (Exchange::NotRead | Exchange::Withdrawn(_), Some(slot)) =
             (&exchanged, claim.and_then(|c| c.slot))
         {
             // The daemon never picked the request up: its place is free again.
@@ -227,7 +249,12 @@ pub fn forward(
                 }
                 return Ok(outcome);
             }
-            Exchange::Withdrawn => withdrawn = true,
+            Exchange::Withdrawn(elsewhere) => {
+                // Sent again to the free thread it claimed, never queued again: a request is
+                // withdrawn at most once.
+                reserved = Some(elsewhere);
+                may_queue = false;
+            }
             Exchange::NotRead if resends < MAX_RESENDS => resends += 1,
             Exchange::NotRead => {
                 return Err(ProxyError::TurnedAway {
@@ -297,9 +324,13 @@ enum Exchange {
     /// The daemon closed the connection without reading the request.
     NotRead,
     /// The request waited in a process's queue, and the worker took it back to send it to a
-    /// process with a thread free (the connection is closed).
-    Withdrawn,
+    /// process with a thread free, claimed here (its index and slot); the connection is closed.
+    Withdrawn((usize, &'static LoadSlot)),
 }
+
+/// The largest Request frame sent to a process with no thread free (see `forward`): well
+/// within a Unix socket's send buffer.
+const QUEUED_ENVIRON_MAX: usize = 64 * 1024;
 
 /// How often a worker whose request waits in a process's queue looks for a thread free in
 /// another process of the group.
@@ -338,7 +369,7 @@ fn exchange(
         let claimed = claim.and_then(|c| c.slot);
         match await_pickup(target, &conn.stream, region, conn.slot, claimed)? {
             Pickup::Taken => {}
-            Pickup::Withdrawn => return Ok(Exchange::Withdrawn),
+            Pickup::Withdrawn(elsewhere) => return Ok(Exchange::Withdrawn(elsewhere)),
             Pickup::NotRead => return Ok(Exchange::NotRead),
         }
     }
@@ -377,8 +408,9 @@ fn exchange(
 enum Pickup {
     /// A daemon thread picked it up: its answer follows as usual.
     Taken,
-    /// The worker took it back, for another process that has a thread free.
-    Withdrawn,
+    /// The worker took it back, for another process that has a thread free (claimed: its
+    /// index and slot).
+    Withdrawn((usize, &'static LoadSlot)),
     /// The daemon closed the connection or said Goodbye before any thread picked it up (it
     /// died or is stopping): it never ran, so it may be sent again.
     NotRead,
@@ -410,8 +442,14 @@ fn await_pickup(
                 Pickup::Taken
             });
         }
-        if target.load.free_elsewhere(slot) && region.withdraw() {
-            return Ok(Pickup::Withdrawn);
+        // The free thread is claimed before the request is withdrawn, so that one free thread
+        // draws one request out of a queue, not every request waiting there.
+        if let Some(elsewhere) = target.load.claim_elsewhere(slot) {
+            if region.withdraw() {
+                return Ok(Pickup::Withdrawn(elsewhere));
+            }
+            elsewhere.1.release_claim();
+            return Ok(Pickup::Taken);
         }
         let timeout = target.socket_timeout;
         if !timeout.is_zero() && started.elapsed() >= timeout && region.withdraw() {
@@ -1374,6 +1412,95 @@ mod tests {
             "only its busy thread"
         );
         assert_eq!(pool.len(), 1, "process 1's connection is kept again");
+    }
+
+    #[test]
+    fn one_free_thread_draws_one_request_out_of_a_queue() {
+        let path = PathBuf::from("/nonexistent/queued.sock");
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(&path, 8)));
+        let slots: Vec<LoadSlot> = (0..2).map(|_| LoadSlot::default()).collect();
+        let load = LoadBoard::new(Box::leak(slots.into_boxed_slice()));
+        let (zero, one) = (load.slot(0).unwrap(), load.slot(1).unwrap());
+        zero.open(2);
+        zero.enter();
+        zero.enter();
+        one.open(1);
+        one.enter();
+        // Two requests wait in process 0's queue (process 1's connection has no region).
+        let (b, b_daemon, _) = kept(1, false);
+        pool.put(b);
+        let mut zeros = Vec::new();
+        for _ in 0..2 {
+            let (a, a_daemon, a_region) = kept(0, true);
+            pool.put(a);
+            zeros.push((a_daemon, a_region.unwrap()));
+        }
+        let served = serve_ok(b_daemon, 1);
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let path = path.clone();
+                thread::spawn(move || {
+                    let target = Target {
+                        pool: Some(pool),
+                        load,
+                        ..target(&path)
+                    };
+                    let mut client = FakeClient::default();
+                    forward(&target, &environ(), &mut client).unwrap();
+                    client.out
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(zeros.iter().filter(|(_, r)| r.still_queued()).count(), 2);
+        one.leave();
+        assert_eq!(served.join().unwrap(), environ(), "process 1 served one");
+        thread::sleep(Duration::from_millis(50));
+        let waiting: Vec<_> = zeros
+            .into_iter()
+            .filter(|(_, r)| r.still_queued())
+            .collect();
+        assert_eq!(
+            waiting.len(),
+            1,
+            "the other request still waits in process 0's queue"
+        );
+        // Process 0 gets to it.
+        let (mut stream, region) = waiting.into_iter().next().unwrap();
+        let mut request = Vec::new();
+        wire::read_frame(&mut stream, &mut request, 0).unwrap();
+        assert!(region.pick_up());
+        let mut all = headers_frame(b"200 OK", &[]);
+        all.extend(frame(Kind::Data, b"from 0"));
+        all.extend(frame(Kind::End, &wire::encode_u32(0)));
+        stream.write_all(&all).unwrap();
+        let mut outs: Vec<Vec<u8>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        outs.sort();
+        assert_eq!(outs, vec![b"from 0".to_vec(), b"ok".to_vec()]);
+    }
+
+    #[test]
+    fn a_request_too_big_to_withdraw_is_not_queued() {
+        let path = PathBuf::from("/nonexistent/queued.sock");
+        let pool = Pool::new(&path, 8);
+        let load = saturated_board(1);
+        let (a, _a_daemon, _) = kept(0, true);
+        pool.put(a);
+        let target = Target {
+            pool: Some(&pool),
+            load,
+            connect_timeout: Duration::ZERO,
+            ..target(&path)
+        };
+        let mut big = environ();
+        wire::push_pair(&mut big, b"HTTP_X_BIG", &vec![b'x'; QUEUED_ENVIRON_MAX]);
+        let err = forward(&target, &big, &mut FakeClient::default()).unwrap_err();
+        assert!(
+            matches!(err, ProxyError::SocketUnavailable { .. }),
+            "a new connection was tried instead: {err}"
+        );
+        assert_eq!(pool.len(), 1, "the kept connection was not used");
+        assert_eq!(load.slot(0).unwrap().load(), Some(1));
     }
 
     #[test]

@@ -127,6 +127,21 @@ impl Pool {
         }
     }
 
+    /// The most recently returned usable idle connection to the process in `index` (for a
+    /// request that already holds a claim on one of its threads).
+    pub(super) fn take_to(&self, index: usize) -> Option<Idle> {
+        loop {
+            let candidate = {
+                let mut idle = self.idle();
+                let position = idle.iter().rposition(|c| c.slot == Some(index))?;
+                idle.remove(position)
+            };
+            if !connect::readable(&candidate.stream) {
+                return Some(candidate);
+            }
+        }
+    }
+
     /// Keeps a connection whose last response ended cleanly. When full, the oldest goes (it
     /// may be a dead one whose process looked busy when it died).
     pub(super) fn put(&self, conn: Idle) {
@@ -248,6 +263,27 @@ mod tests {
             Some(2),
             "a failed try takes nothing"
         );
+    }
+
+    #[test]
+    fn a_connection_to_a_given_process() {
+        let pool = Pool::new(Path::new("/x.sock"), 8);
+        let (a, _pa) = conn(Some(0));
+        let (b, pb) = conn(Some(1));
+        let (c, _pc) = conn(Some(1));
+        pool.put(a);
+        pool.put(c);
+        pool.put(b);
+        drop(pb);
+        let got = pool.take_to(1).unwrap();
+        assert_eq!(
+            got.slot,
+            Some(1),
+            "the closed one is skipped for the live one"
+        );
+        assert!(pool.take_to(1).is_none());
+        assert!(pool.take_to(2).is_none());
+        assert_eq!(pool.len(), 1);
     }
 
     #[test]
