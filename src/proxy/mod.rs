@@ -1345,6 +1345,15 @@ mod tests {
         (idle, theirs, mapped)
     }
 
+    /// A 200 response with `body`, its End frame naming `slot` (when given).
+    fn ok_response(body: &[u8], slot: Option<u32>) -> Vec<u8> {
+        let mut all = headers_frame(b"200 OK", &[]);
+        all.extend(frame(Kind::Data, body));
+        let end = slot.map(wire::encode_u32);
+        all.extend(frame(Kind::End, end.as_ref().map_or(&b""[..], |e| &e[..])));
+        all
+    }
+
     /// Serves one request on `stream` with "ok", naming `slot` in its End frame.
     fn serve_ok(mut stream: UnixStream, slot: u32) -> JoinHandle<Vec<u8>> {
         thread::spawn(move || {
@@ -1353,10 +1362,7 @@ mod tests {
                 wire::read_frame(&mut stream, &mut environ, 0).unwrap(),
                 Kind::Request
             );
-            let mut all = headers_frame(b"200 OK", &[]);
-            all.extend(frame(Kind::Data, b"ok"));
-            all.extend(frame(Kind::End, &wire::encode_u32(slot)));
-            stream.write_all(&all).unwrap();
+            stream.write_all(&ok_response(b"ok", Some(slot))).unwrap();
             environ
         })
     }
@@ -1470,10 +1476,7 @@ mod tests {
         let mut request = Vec::new();
         wire::read_frame(&mut stream, &mut request, 0).unwrap();
         assert!(region.pick_up());
-        let mut all = headers_frame(b"200 OK", &[]);
-        all.extend(frame(Kind::Data, b"from 0"));
-        all.extend(frame(Kind::End, &wire::encode_u32(0)));
-        stream.write_all(&all).unwrap();
+        stream.write_all(&ok_response(b"from 0", Some(0))).unwrap();
         let mut outs: Vec<Vec<u8>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
         outs.sort();
         assert_eq!(outs, vec![b"from 0".to_vec(), b"ok".to_vec()]);
@@ -1521,10 +1524,7 @@ mod tests {
             assert!(a_region.pick_up(), "not withdrawn yet");
             load.slot(1).unwrap().leave();
             thread::sleep(Duration::from_millis(40));
-            let mut all = headers_frame(b"200 OK", &[]);
-            all.extend(frame(Kind::Data, b"from 0"));
-            all.extend(frame(Kind::End, &wire::encode_u32(0)));
-            stream.write_all(&all).unwrap();
+            stream.write_all(&ok_response(b"from 0", Some(0))).unwrap();
         });
         let target = Target {
             pool: Some(&pool),
@@ -1546,10 +1546,7 @@ mod tests {
         // The group's socket, where the request goes again, on a new connection.
         let daemon = Daemon::start(|mut s, environ| {
             assert_eq!(environ, self::environ());
-            let mut all = headers_frame(b"200 OK", &[]);
-            all.extend(frame(Kind::Data, b"again"));
-            all.extend(frame(Kind::End, b""));
-            s.write_all(&all).unwrap();
+            s.write_all(&ok_response(b"again", None)).unwrap();
         });
         let path = daemon.path();
         let pool = Pool::new(&path, 8);
@@ -1791,10 +1788,7 @@ mod tests {
                 if n < goodbyes {
                     stream.write_all(&frame(Kind::Goodbye, b"")).unwrap();
                 } else {
-                    let mut all = headers_frame(b"200 OK", &[]);
-                    all.extend(frame(Kind::Data, b"ok"));
-                    all.extend(frame(Kind::End, b""));
-                    stream.write_all(&all).unwrap();
+                    stream.write_all(&ok_response(b"ok", None)).unwrap();
                 }
             }
             seen
