@@ -1345,6 +1345,23 @@ mod tests {
         (idle, theirs, mapped)
     }
 
+    /// A target whose worker keeps `pool`, on the group's `load` board.
+    fn pooled<'a>(path: &'a Path, pool: &'a Pool, load: LoadBoard) -> Target<'a> {
+        Target {
+            pool: Some(pool),
+            load,
+            ..target(path)
+        }
+    }
+
+    /// Forwards a GET that must complete; the body the client got.
+    fn forward_ok(target: &Target<'_>) -> Vec<u8> {
+        let mut client = FakeClient::default();
+        let got = forward(target, &environ(), &mut client).unwrap();
+        assert_eq!(got, Outcome::Completed);
+        client.out
+    }
+
     /// A 200 response with `body`, its End frame naming `slot` (when given).
     fn ok_response(body: &[u8], slot: Option<u32>) -> Vec<u8> {
         let mut all = headers_frame(b"200 OK", &[]);
@@ -1383,11 +1400,7 @@ mod tests {
             thread::sleep(Duration::from_millis(60));
             load.slot(1).unwrap().leave();
         });
-        let target = Target {
-            pool: Some(&pool),
-            load,
-            ..target(&path)
-        };
+        let target = pooled(&path, &pool, load);
         let started = Instant::now();
         let mut client = FakeClient::default();
         let got = forward(&target, &environ(), &mut client).unwrap();
@@ -1445,16 +1458,7 @@ mod tests {
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let path = path.clone();
-                thread::spawn(move || {
-                    let target = Target {
-                        pool: Some(pool),
-                        load,
-                        ..target(&path)
-                    };
-                    let mut client = FakeClient::default();
-                    forward(&target, &environ(), &mut client).unwrap();
-                    client.out
-                })
+                thread::spawn(move || forward_ok(&pooled(&path, pool, load)))
             })
             .collect();
         thread::sleep(Duration::from_millis(50));
@@ -1490,10 +1494,8 @@ mod tests {
         let (a, _a_daemon, _) = kept(0, true);
         pool.put(a);
         let target = Target {
-            pool: Some(&pool),
-            load,
             connect_timeout: Duration::ZERO,
-            ..target(&path)
+            ..pooled(&path, &pool, load)
         };
         let mut big = environ();
         wire::push_pair(&mut big, b"HTTP_X_BIG", &vec![b'x'; QUEUED_ENVIRON_MAX]);
@@ -1526,18 +1528,10 @@ mod tests {
             thread::sleep(Duration::from_millis(40));
             stream.write_all(&ok_response(b"from 0", Some(0))).unwrap();
         });
-        let target = Target {
-            pool: Some(&pool),
-            load,
-            ..target(&path)
-        };
-        let mut client = FakeClient::default();
-        assert_eq!(
-            forward(&target, &environ(), &mut client).unwrap(),
-            Outcome::Completed
-        );
+        let target = pooled(&path, &pool, load);
+        let out = forward_ok(&target);
         daemon.join().unwrap();
-        assert_eq!(client.out, b"from 0");
+        assert_eq!(out, b"from 0");
         assert_eq!(pool.len(), 1);
     }
 
@@ -1557,19 +1551,11 @@ mod tests {
             thread::sleep(Duration::from_millis(30));
             drop(a_daemon);
         });
-        let target = Target {
-            pool: Some(&pool),
-            load,
-            ..target(&path)
-        };
-        let mut client = FakeClient::default();
-        assert_eq!(
-            forward(&target, &environ(), &mut client).unwrap(),
-            Outcome::Completed
-        );
+        let target = pooled(&path, &pool, load);
+        let out = forward_ok(&target);
         dies.join().unwrap();
         daemon.join();
-        assert_eq!(client.out, b"again");
+        assert_eq!(out, b"again");
         assert_eq!(
             load.slot(0).unwrap().load(),
             Some(1),
@@ -1585,10 +1571,8 @@ mod tests {
         let (a, _a_daemon, a_region) = kept(0, true);
         pool.put(a);
         let target = Target {
-            pool: Some(&pool),
-            load,
             socket_timeout: Duration::from_millis(100),
-            ..target(&path)
+            ..pooled(&path, &pool, load)
         };
         let started = Instant::now();
         let err = forward(&target, &environ(), &mut FakeClient::default()).unwrap_err();
