@@ -67,6 +67,7 @@ PACE_MS = env_int("BENCH_PACE_MS", 16)
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 QUIET_WAIT = env_int("BENCH_QUIET_WAIT", 5 if QUICK else 20)
 RETRIES = env_int("BENCH_RETRIES", 0 if QUICK else 4)
+QUIET_SAMPLE_S = 2.0  # after the last scenario: the daemons' memory once they are quiet
 IS_ROOT = os.geteuid() == 0
 
 MODULES = [
@@ -646,6 +647,10 @@ def run_module(module, round_no, servers):
                 log("  %-12s %-11s c=%-3d %9.1f MB/s   daemon RSS %6.1f MiB%s"
                     % (module["label"], name, conns, entry.get("mb_s", 0),
                        (entry["memory"]["daemon_rss_max_kb"] or 0) / 1024, other))
+        if run["scenarios"]:
+            # Once the daemons are quiet, whether they kept the memory the runs made them use.
+            time.sleep(QUIET_SAMPLE_S)
+            run["quiet_after"] = ap.memory()
         errs = [l for l in ap.error_log_tail(2000).splitlines() if re.search(r":(error|crit|alert|emerg)\]", l)]
         run["error_log_error_lines"] = len(errs)  # includes the cut-off transfers at each wrk run's end
         run["error_log_sample"] = errs[:10]
@@ -712,6 +717,7 @@ def summarise(runs):
             add("%s c=%d" % (title, c), "MB/s", lambda r, n=name, c=c: scen(r, n, c)["mb_s"], "higher", tgt, "%.1f")
     add("cold start", "ms", lambda r: r["cold_start_ms"], "lower", {"ratio_max": 1.0}, "%.0f")
     kib = lambda v: v / 1024.0 if v is not None else None  # noqa: E731
+    last = SCENARIOS[-1] if SCENARIOS else None
     add("daemon idle", "RSS MiB", lambda r: kib(r["idle"]["daemon_rss_max_kb"]), "lower", None, "%.1f")
     if ("64MiB", 16) in names:
         add("daemon after 64 MiB", "RSS MiB",
@@ -721,6 +727,9 @@ def summarise(runs):
     if ("upload8MiB", 16) in names:
         add("daemon after uploads", "HWM MiB",
             lambda r: kib(scen(r, "upload8MiB", 16)["memory"]["daemon_hwm_max_kb"]), "lower", None, "%.1f")
+    if last:
+        add("daemon %.0f s after last run" % QUIET_SAMPLE_S, "RSS MiB",
+            lambda r: kib(r["quiet_after"]["daemon_rss_max_kb"]), "lower", None, "%.1f")
     add("Apache child idle", "RSS MiB", lambda r: kib(r["idle"]["child_rss_max_kb"]), "lower", None, "%.1f")
     if ("64MiB", 16) in names:
         # While 64 MiB responses stream to 16 clients: the largest child's memory without the
@@ -728,7 +737,6 @@ def summarise(runs):
         streaming = lambda r, key: kib(scen(r, "64MiB", 16)["memory_under_load"][key])  # noqa: E731
         add("64 MiB c=16, mid-run", "own MiB", lambda r: streaming(r, "child_own_max_kb"), "lower", None, "%.1f")
         add("64 MiB c=16, mid-run", "all PSS", lambda r: streaming(r, "instance_pss_kb"), "lower", None, "%.1f")
-    last = SCENARIOS[-1] if SCENARIOS else None
     if last:
         add("Apache child at end", "HWM MiB",
             lambda r: kib(scen(r, last[0], last[1])["memory"]["child_hwm_max_kb"]), "lower",
@@ -829,6 +837,8 @@ def print_table(rows, meta):
                "itself, during the wrk runs (per run in results.json).")
     out.append("Memory: VmRSS/VmHWM of the largest daemon process / Apache worker child. Wrk cuts off "
                "in-flight transfers at the end of each run, so the error log has 'read error' lines.")
+    out.append("daemon %.0f s after last run: once no request has run for a second, mod_wsgi_rs's daemons give "
+               "the memory the app freed back to the system." % QUIET_SAMPLE_S)
     out.append("Apache child in last run: one sample half-way through the last scenario. anon = RssAnon "
                "(private memory); shmem = RssShmem: for mod_wsgi_rs,")
     out.append("the pages of the response slots it shares with the daemons, which also count in the "

@@ -239,3 +239,37 @@ fn graceful_restarts_under_load_fail_no_request() {
         server.error_log()
     );
 }
+
+#[test]
+fn memory_the_application_freed_is_given_back_once_the_process_is_quiet() {
+    let server = TestServer::start(
+        "LogLevel wsgi_module:debug\n\
+         WSGIDaemonProcess quiet processes=1 threads=2\n\
+         WSGIScriptAlias /memory @APPS@/memory.wsgi process-group=quiet\n",
+    );
+    let r = server.get("/memory?fragment=96");
+    assert_eq!(r.status, 200, "{r:?}\n{}", server.error_log());
+    let report = r.json();
+    let (pid, before, held) = (
+        report.u64_of("pid") as u32,
+        report.u64_of("before_kib"),
+        report.u64_of("rss_kib"),
+    );
+    // Otherwise this test proves nothing: malloc kept the freed blocks.
+    assert!(
+        held > before + 64 * 1024,
+        "the app's freed 96 MiB were not held: {before} -> {held} KiB"
+    );
+    let mut now = held;
+    let given_back = wait_until(WAIT, || {
+        now = rss_kib(pid).unwrap_or(u64::MAX);
+        now < before + 32 * 1024
+    });
+    assert!(
+        given_back,
+        "the daemon still holds {now} KiB (was {before} KiB before the request, {held} KiB \
+         after it)\n{}",
+        server.error_log()
+    );
+    server.expect_log("WSGIRS0450: Process 'quiet' gave the memory", WAIT);
+}

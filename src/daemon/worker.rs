@@ -26,12 +26,13 @@ use nix::sys::socket::getsockopt;
 use nix::sys::socket::sockopt::PeerCredentials;
 
 use super::connection::Connection;
-use super::lifecycle::{self, Activity, Policy, Verdict};
+use super::lifecycle::{self, Activity, Policy, Trimmed, Verdict};
 use super::listener;
 use super::origin;
 use super::privileges::{self, System};
 use super::supervisor::EXIT_SETUP_FAILED;
 use super::GroupRuntime;
+use crate::httpd::heap;
 use crate::load::LoadSlot;
 use crate::logging::Level;
 use crate::python;
@@ -242,8 +243,9 @@ const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 /// Requests in flight are stuck (request-timeout, deadlock-timeout): exit without waiting.
 static IMMEDIATE_EXIT: AtomicBool = AtomicBool::new(false);
 
-/// Watches the lifecycle limits once per tick, and (for deadlock-timeout) keeps proving that
-/// the GIL can be acquired.
+/// Watches the lifecycle limits once per tick, gives the memory the app freed back when the
+/// process goes quiet (see `lifecycle::TRIM_IDLE_MS`), and (for deadlock-timeout) keeps
+/// proving that the GIL can be acquired.
 fn start_monitor(
     group: &Arc<GroupRuntime>,
     slot: u32,
@@ -251,9 +253,6 @@ fn start_monitor(
     activity: &'static Activity,
 ) {
     let policy = Policy::from_spec(&group.spec);
-    if policy == Policy::default() {
-        return;
-    }
     if policy.deadlock_timeout.is_some() {
         let stop = Arc::clone(stop);
         let _ = std::thread::Builder::new()
@@ -265,12 +264,21 @@ fn start_monitor(
                 }
             });
     }
+    let watch_limits = policy != Policy::default();
     let stop = Arc::clone(stop);
     let group = Arc::clone(group);
     let _ = std::thread::Builder::new()
         .name("wsgi-monitor".into())
         .spawn(move || {
+            let mut trimmed = Trimmed::default();
             while !stop.sleep(Duration::from_millis(200)) {
+                if let Some(now) = activity.trim_due(trimmed, activity.now_ms()) {
+                    trimmed = now;
+                    give_back_memory(&group.spec.name);
+                }
+                if !watch_limits {
+                    continue;
+                }
                 // A maximum-requests restart waiting for its turn is asked again here too:
                 // an idle process sees no request end.
                 let verdict = activity
@@ -284,6 +292,34 @@ fn start_monitor(
                 }
             }
         });
+}
+
+/// Gives the memory malloc holds free back to the system; says how much at LogLevel debug.
+fn give_back_memory(name: &str) {
+    let before = resident_bytes();
+    let started = Instant::now();
+    if !heap::give_back_free_memory() {
+        return;
+    }
+    if let (Some(before), Some(after)) = (before, resident_bytes()) {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        wsgi_log!(
+            Level::Debug,
+            "WSGIRS0450: Process '{name}' gave the memory its application freed back: \
+             resident {:.1} MiB -> {:.1} MiB, in {:.1} ms.",
+            mib(before),
+            mib(after),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// This process's resident memory (VmRSS), from /proc/self/statm.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = unistd::sysconf(unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// How long a process due to restart in turn (see `Verdict::InTurn`) waits for another
