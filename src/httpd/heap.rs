@@ -22,21 +22,22 @@ mod tests {
     use super::*;
 
     fn resident_mib() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-        let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-        pages * 4096 / (1024 * 1024)
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib / 1024
     }
 
     #[test]
     fn freed_memory_held_between_live_allocations_is_given_back() {
-        // 64 MiB in 64 KiB blocks, each followed by a small block that stays: once the big
+        // 256 MiB in 64 KiB blocks, each followed by a small block that stays: once the big
         // ones are freed, malloc cannot hand their memory back by itself (it is not at the
-        // top of the heap).
+        // top of the heap). Big enough that other tests running meanwhile do not matter.
         let (kept, before, freed) = std::thread::spawn(|| {
             let before = resident_mib();
             let mut big = Vec::new();
             let mut kept = Vec::new();
-            for i in 0..1024u32 {
+            for i in 0..4096u32 {
                 big.push(vec![i as u8; 64 * 1024]);
                 kept.push(vec![1u8; 1024]);
             }
@@ -46,12 +47,12 @@ mod tests {
         .join()
         .unwrap();
         assert!(
-            freed >= before + 48,
+            freed >= before + 192,
             "the freed blocks stayed resident: {before} -> {freed} MiB"
         );
         assert!(give_back_free_memory());
         let after = resident_mib();
-        assert!(after + 48 <= freed, "given back: {freed} -> {after} MiB");
+        assert!(after + 192 <= freed, "given back: {freed} -> {after} MiB");
         drop(kept);
     }
 }
