@@ -13,6 +13,7 @@ pub mod load;
 pub mod logging;
 pub mod proxy;
 pub mod python;
+pub mod quiet;
 pub mod route;
 pub mod wire;
 

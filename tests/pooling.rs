@@ -1498,3 +1498,58 @@ fn script_reload_with_pooled_connections_loses_no_request() {
     thread::sleep(Duration::from_millis(300));
     assert_no_wsgi_errors(&server, offset, "script reload");
 }
+
+/// After big bodies, the pages they left in the memory an Apache child shares with a daemon
+/// (one region per kept connection) are freed once the child is quiet; the connection stays.
+#[test]
+fn an_apache_child_gives_back_the_pages_big_bodies_left_once_it_is_quiet() {
+    if reference_mode() {
+        // mod_wsgi shares no memory with its daemons.
+        return;
+    }
+    let server = TestServer::start(
+        "LogLevel wsgi_module:debug\n\
+         WSGIDaemonProcess quiet processes=1 threads=4\n\
+         WSGIScriptAlias /echo @APPS@/echo.wsgi process-group=quiet\n",
+    );
+    let addr = server.addr();
+    let body = vec![b'x'; 2 * 1024 * 1024];
+    let echo = |body: &[u8]| {
+        // Spooled: the whole body is read before the response starts.
+        let r = http_request(addr, "POST", "/echo?spool=1", &[], body).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), body.len());
+    };
+    // Twice over the kept connection: its first request sends the region, and only then can
+    // bodies cross in it.
+    echo(&body);
+    // (The worker puts the connection back just after the client has its response.)
+    thread::sleep(Duration::from_millis(200));
+    echo(&body);
+    let shared = || -> u64 {
+        let processes = server.processes();
+        processes.iter().filter_map(|p| shmem_kib(p.pid)).sum()
+    };
+    let held = shared();
+    // The body slots in the daemon, the data slots in both processes.
+    assert!(
+        held >= 768,
+        "the bodies left only {held} KiB of shared pages: this test proves nothing"
+    );
+    let mut now = held;
+    let freed = wait_until(Duration::from_secs(10), || {
+        now = shared();
+        now < 128
+    });
+    assert!(
+        freed,
+        "the server's processes still map {now} KiB of shared pages (was {held} KiB)\n{}",
+        server.error_log()
+    );
+    server.expect_log(
+        "WSGIRS0324: Apache child gave memory back after going quiet",
+        Duration::from_secs(10),
+    );
+    // The kept connections still serve, with fresh pages.
+    echo(&body);
+}

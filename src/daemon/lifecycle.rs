@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::config::daemon_process::ProcessGroupSpec;
+use crate::quiet::{self, Quiet, Trimmed};
 
 /// The limits that apply to one daemon process (None / 0 = off).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -180,34 +181,16 @@ impl Activity {
     }
 }
 
-/// glibc keeps the memory an app frees for its next allocations, so after a burst of big
-/// requests a process would stay at its peak for good. It is given back (malloc_trim) once no
-/// request has run for TRIM_IDLE_MS, or, while requests keep coming, at a moment when none
-/// runs, at most every TRIM_EVERY_MS.
-pub const TRIM_IDLE_MS: u64 = 1000;
-pub const TRIM_EVERY_MS: u64 = 10_000;
-
-/// When the process last gave freed memory back, and how many requests it had finished then.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Trimmed {
-    pub at_ms: u64,
-    pub requests: u64,
-}
-
 impl Activity {
-    /// The memory check, at `now` (see TRIM_IDLE_MS): the new record when freed memory is to
-    /// be given back now. Never twice without a request in between, never while one runs.
+    /// The memory check at `now` (see `quiet::trim_due`).
     pub fn trim_due(&self, last: Trimmed, now: u64) -> Option<Trimmed> {
-        let requests = self.requests.load(Ordering::Relaxed);
-        let running = self.running.iter().any(|t| t.load(Ordering::Relaxed) != 0);
-        if requests == last.requests || running {
-            return None;
-        }
-        let idle = now.saturating_sub(self.last_finished.load(Ordering::Relaxed));
-        (idle >= TRIM_IDLE_MS || now.saturating_sub(last.at_ms) >= TRIM_EVERY_MS).then_some(
-            Trimmed {
-                at_ms: now,
-                requests,
+        quiet::trim_due(
+            last,
+            Quiet {
+                now,
+                finished: self.requests.load(Ordering::Relaxed),
+                running: self.running.iter().any(|t| t.load(Ordering::Relaxed) != 0),
+                last_finished: self.last_finished.load(Ordering::Relaxed),
             },
         )
     }
@@ -242,36 +225,20 @@ mod tests {
     }
 
     #[test]
-    fn freed_memory_is_given_back_once_per_quiet_spell() {
+    fn the_memory_check_sees_running_and_finished_requests() {
         let a = Activity::new(2);
         let none = Trimmed::default();
+        assert_eq!(a.trim_due(none, 60_000), None, "no request yet");
+        a.request_started(0);
+        assert_eq!(a.trim_due(none, 60_000), None, "one is running");
+        a.request_finished(0);
         assert_eq!(
-            a.trim_due(none, 5000),
-            None,
-            "no request yet: nothing to give back"
+            a.trim_due(none, 60_000),
+            Some(Trimmed {
+                at_ms: 60_000,
+                requests: 1
+            })
         );
-        a.request_started(0);
-        a.request_finished(0);
-        let done = a.last_finished.load(Ordering::Relaxed);
-        // A moment without requests is not yet a quiet spell (the last trim was at start,
-        // under TRIM_EVERY_MS ago).
-        assert_eq!(a.trim_due(none, done + 10), None);
-        let first = a.trim_due(none, done + TRIM_IDLE_MS).unwrap();
-        assert_eq!(first.requests, 1);
-        assert_eq!(a.trim_due(first, done + 60_000), None, "no request since");
-        // Requests keep coming (the last one ended just now): never while one runs, and at
-        // most every TRIM_EVERY_MS.
-        a.request_started(1);
-        a.request_finished(1);
-        a.request_started(0);
-        let later = first.at_ms + TRIM_EVERY_MS;
-        a.last_finished.store(later - 5, Ordering::Relaxed);
-        assert_eq!(a.trim_due(first, later), None, "a request is running");
-        a.request_finished(0);
-        a.last_finished.store(later - 5, Ordering::Relaxed);
-        assert_eq!(a.trim_due(first, later - 1), None, "not TRIM_EVERY_MS yet");
-        let second = a.trim_due(first, later).unwrap();
-        assert_eq!(second.requests, 3);
     }
 
     #[test]

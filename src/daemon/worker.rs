@@ -26,7 +26,7 @@ use nix::sys::socket::getsockopt;
 use nix::sys::socket::sockopt::PeerCredentials;
 
 use super::connection::Connection;
-use super::lifecycle::{self, Activity, Policy, Trimmed, Verdict};
+use super::lifecycle::{self, Activity, Policy, Verdict};
 use super::listener;
 use super::origin;
 use super::privileges::{self, System};
@@ -36,6 +36,7 @@ use crate::httpd::heap;
 use crate::load::LoadSlot;
 use crate::logging::Level;
 use crate::python;
+use crate::quiet::Trimmed;
 use crate::wire::{self, Kind, WireError};
 use crate::wsgi_log;
 
@@ -244,7 +245,7 @@ const DRAIN_WINDOW: Duration = Duration::from_millis(500);
 static IMMEDIATE_EXIT: AtomicBool = AtomicBool::new(false);
 
 /// Watches the lifecycle limits once per tick, gives the memory the app freed back when the
-/// process goes quiet (see `lifecycle::TRIM_IDLE_MS`), and (for deadlock-timeout) keeps
+/// process goes quiet (see `quiet::trim_due`), and (for deadlock-timeout) keeps
 /// proving that the GIL can be acquired.
 fn start_monitor(
     group: &Arc<GroupRuntime>,
@@ -296,12 +297,12 @@ fn start_monitor(
 
 /// Gives the memory malloc holds free back to the system; says how much at LogLevel debug.
 fn give_back_memory(name: &str) {
-    let before = resident_bytes();
+    let before = heap::resident_bytes();
     let started = Instant::now();
     if !heap::give_back_free_memory() {
         return;
     }
-    if let (Some(before), Some(after)) = (before, resident_bytes()) {
+    if let (Some(before), Some(after)) = (before, heap::resident_bytes()) {
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         wsgi_log!(
             Level::Debug,
@@ -312,14 +313,6 @@ fn give_back_memory(name: &str) {
             started.elapsed().as_secs_f64() * 1000.0
         );
     }
-}
-
-/// This process's resident memory (VmRSS), from /proc/self/statm.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page = unistd::sysconf(unistd::SysconfVar::PAGE_SIZE).ok()??;
-    Some(pages * u64::try_from(page).ok()?)
 }
 
 /// How long a process due to restart in turn (see `Verdict::InTurn`) waits for another

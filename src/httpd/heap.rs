@@ -1,5 +1,6 @@
 //! Giving the memory malloc keeps for reuse back to the system. Here because it is a raw
-//! libc call; it touches no httpd types (the daemons use it, and so do unit tests).
+//! libc call; it touches no httpd types (daemons and Apache children use it, and so do unit
+//! tests).
 
 /// Gives the memory that malloc holds free (in every thread's arena) back to the system.
 /// True if any was given back.
@@ -14,6 +15,14 @@ pub fn give_back_free_memory() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn give_back_free_memory() -> bool {
     false
+}
+
+/// This process's resident memory (VmRSS), from /proc/self/statm.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 #[cfg(test)]

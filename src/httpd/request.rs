@@ -291,6 +291,11 @@ fn pool_for(group: &GroupRuntime) -> Option<&'static Pool> {
     pools.get(group.index)
 }
 
+/// This child's pools, once its first request made them (none before).
+pub(crate) fn kept_pools() -> &'static [Pool] {
+    POOLS.get().map(Vec::as_slice).unwrap_or(&[])
+}
+
 /// The MPM's ThreadsPerChild: no child ever needs more idle connections per group.
 fn threads_per_child() -> usize {
     let mut threads: c_int = 0;

@@ -29,11 +29,13 @@ mod error;
 mod pieces;
 mod pool;
 mod region;
+mod traffic;
 
 pub use error::{ProxyError, TruncatedWhy};
 pub use pieces::{give_back as give_back_piece, PIECE};
 pub use pool::Pool;
 pub use region::{BodySlot, SlotLease};
+pub use traffic::watch as watch_quiet;
 
 use std::io::{self, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -202,6 +204,7 @@ pub fn forward(
             len: environ.len(),
         });
     }
+    let _in_flight = traffic::InFlight::begin();
     let pool = target.pool.filter(|p| p.serves(target.socket_path));
     let mut resends = 0;
     // Only a request whose frame fits in the socket's buffer is queued: the worker must get

@@ -152,6 +152,15 @@ impl Pool {
         idle.push(conn);
     }
 
+    /// Gives back the body pages of the idle connections' regions (see
+    /// `WorkerRegion::release_pages`); returns how many regions. Under the pool's lock, so no
+    /// request takes one of them meanwhile.
+    pub fn release_idle_pages(&self) -> usize {
+        let idle = self.idle();
+        let regions = idle.iter().filter_map(|conn| conn.region.as_ref());
+        regions.map(|region| region.release_pages()).count()
+    }
+
     /// How many idle connections are kept (for tests).
     pub fn len(&self) -> usize {
         self.idle().len()

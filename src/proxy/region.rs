@@ -13,7 +13,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::httpd::shm::Region;
-use crate::wire::region::{body_slot_offset, BODY_SLOTS, BODY_SLOT_LEN, DATA_SLOTS, DATA_SLOT_LEN};
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use crate::wire::region::{
+    body_slot_offset, data_slot_offset, BODY_SLOTS, BODY_SLOT_LEN, DATA_SLOTS, DATA_SLOT_LEN,
+};
 
 #[derive(Debug)]
 pub struct WorkerRegion {
@@ -78,6 +82,29 @@ impl WorkerRegion {
     /// Withdraws the queued request; false if a daemon thread picked it up first.
     pub fn withdraw(&self) -> bool {
         self.region.withdraw()
+    }
+
+    /// Frees the pages of the body slots and of the data slots Apache does not hold (real
+    /// memory: the memfd's, which both processes map), for a connection no request uses: the
+    /// daemon writes a data slot, and Apache a body slot, only during a request. The next big
+    /// body maps fresh pages. A slot that cannot be freed is left as it is.
+    pub fn release_pages(&self) {
+        let held = self.held.load(Ordering::Acquire);
+        let slots = (0..BODY_SLOTS)
+            .map(|slot| (body_slot_offset(slot), BODY_SLOT_LEN))
+            .chain(
+                (0..DATA_SLOTS)
+                    .filter(|slot| held & (1u32 << slot) == 0)
+                    .map(|slot| (data_slot_offset(slot), DATA_SLOT_LEN)),
+            );
+        for (offset, len) in slots {
+            let _ = fallocate(
+                &self.fd,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            );
+        }
     }
 
     /// Body slot `slot` (0 or 1), for the client's body bytes.
@@ -192,6 +219,28 @@ mod tests {
         assert_eq!(&daemon.body_slot(1)[BODY_SLOT_LEN - 40..], &[7u8; 40]);
         assert_eq!(slot.write_at(BODY_SLOT_LEN, &parts).unwrap(), 0);
         assert_eq!(slot.write_at(3, &[IoSlice::new(b"")]).unwrap(), 0);
+    }
+
+    #[test]
+    fn released_pages_read_as_zero_except_the_slots_apache_still_sends_from() {
+        let region = WorkerRegion::create().unwrap();
+        let daemon = Region::map(region.descriptor()).unwrap();
+        let sent = daemon.claim_data_slot().unwrap();
+        daemon.fill_data_slot(sent, b"held");
+        let lease = region.lease(sent).unwrap();
+        let done = daemon.claim_data_slot().unwrap();
+        daemon.fill_data_slot(done, b"done");
+        region
+            .body_slot(0)
+            .write_at(0, &[IoSlice::new(b"body")])
+            .unwrap();
+        region.release_pages();
+        assert_eq!(lease.copy(4), b"held", "a held slot keeps its bytes");
+        assert_eq!(region.region.copy_from_data_slot(done, 4), [0; 4]);
+        assert_eq!(&daemon.body_slot(0)[..4], &[0; 4]);
+        // The region works as before: the slots fill again.
+        daemon.fill_data_slot(done, b"next");
+        assert_eq!(region.region.copy_from_data_slot(done, 4), b"next");
     }
 
     #[test]

@@ -500,6 +500,11 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     status_field_kib(pid, "VmRSS")
 }
 
+/// RssShmem of `pid` in KiB: the shared-memory pages it has mapped.
+pub fn shmem_kib(pid: u32) -> Option<u64> {
+    status_field_kib(pid, "RssShmem")
+}
+
 /// VmHWM (peak RSS) of `pid` in KiB.
 pub fn hwm_kib(pid: u32) -> Option<u64> {
     status_field_kib(pid, "VmHWM")

@@ -1,0 +1,107 @@
+//! An Apache child's requests to daemons, and the watch that gives memory back once the child
+//! has gone quiet (`quiet::trim_due`): the spare response pieces, the pages big bodies left
+//! in the regions of its idle kept connections (real memory, which the daemons at the other
+//! end also count), and what malloc keeps free.
+
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+
+use super::pieces;
+use super::pool::Pool;
+use crate::httpd::heap;
+use crate::logging::Level;
+use crate::quiet::{self, Quiet, Trimmed};
+use crate::wsgi_log;
+
+static STARTED: OnceLock<Instant> = OnceLock::new();
+static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+static FINISHED: AtomicU64 = AtomicU64::new(0);
+static LAST_FINISHED: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds on this child's clock, never 0.
+fn now_ms() -> u64 {
+    let started = STARTED.get_or_init(Instant::now);
+    u64::try_from(started.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// A request to a daemon, from `forward`'s start to its end.
+pub(super) struct InFlight(());
+
+impl InFlight {
+    pub(super) fn begin() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        LAST_FINISHED.store(now_ms(), Ordering::Release);
+        FINISHED.fetch_add(1, Ordering::AcqRel);
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn state() -> Quiet {
+    Quiet {
+        now: now_ms(),
+        finished: FINISHED.load(Ordering::Acquire),
+        running: IN_FLIGHT.load(Ordering::Acquire) != 0,
+        last_finished: LAST_FINISHED.load(Ordering::Acquire),
+    }
+}
+
+/// Starts this child's watch (once, at child start): `pools` gives the child's connection
+/// pools (empty before the first request).
+pub fn watch(pools: fn() -> &'static [Pool]) {
+    now_ms();
+    let spawned = std::thread::Builder::new()
+        .name("wsgi-quiet".into())
+        .spawn(move || {
+            // Apache's signals are for its own threads.
+            let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None);
+            let mut trimmed = Trimmed::default();
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                if let Some(now) = quiet::trim_due(trimmed, state()) {
+                    trimmed = now;
+                    give_back(pools());
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        wsgi_log!(
+            Level::Warn,
+            "WSGIRS0323: Apache child could not start the thread that gives memory back when it \
+             is quiet: {err}"
+        );
+    }
+}
+
+fn give_back(pools: &[Pool]) {
+    let before = heap::resident_bytes();
+    let started = Instant::now();
+    let pieces = pieces::release_spares();
+    let connections: usize = pools.iter().map(Pool::release_idle_pages).sum();
+    heap::give_back_free_memory();
+    if let (Some(before), Some(after)) = (before, heap::resident_bytes()) {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        wsgi_log!(
+            Level::Debug,
+            "WSGIRS0324: Apache child gave memory back after going quiet: {pieces} spare \
+             buffers, the pages big bodies left in the memory it shares with daemons over \
+             {connections} idle connections, and what malloc kept: resident {:.1} MiB -> \
+             {:.1} MiB, in {:.1} ms.",
+            mib(before),
+            mib(after),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
