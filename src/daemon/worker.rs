@@ -297,12 +297,13 @@ fn start_monitor(
 
 /// Gives the memory malloc holds free back to the system; says how much at LogLevel debug.
 fn give_back_memory(name: &str) {
-    let before = heap::resident_bytes();
+    let logged = crate::logging::enabled(Level::Debug);
+    let before = logged.then(heap::resident_bytes).flatten();
     let started = Instant::now();
     if !heap::give_back_free_memory() {
         return;
     }
-    if let (Some(before), Some(after)) = (before, heap::resident_bytes()) {
+    if let (Some(before), Some(after)) = (before, logged.then(heap::resident_bytes).flatten()) {
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         wsgi_log!(
             Level::Debug,

@@ -601,5 +601,4 @@ static MAIN_SERVER_FOR_CHILD: AtomicPtr<ffi::server_rec> = AtomicPtr::new(ptr::n
 
 unsafe extern "C" fn child_init(_pchild: *mut ffi::apr_pool_t, _s: *mut ffi::server_rec) {
     guarded((), supervisor::close_listeners_in_worker);
-    guarded((), || crate::proxy::watch_quiet(super::request::kept_pools));
 }

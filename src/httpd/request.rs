@@ -278,6 +278,8 @@ static POOLS: OnceLock<Vec<Pool>> = OnceLock::new();
 fn pool_for(group: &GroupRuntime) -> Option<&'static Pool> {
     let pools = POOLS.get_or_init(|| {
         let capacity = threads_per_child();
+        // The child's first daemon request: from now on it may have memory to give back.
+        proxy::watch_quiet(kept_pools);
         daemon::registry()
             .map(|registry| {
                 registry

@@ -152,13 +152,13 @@ impl Pool {
         idle.push(conn);
     }
 
-    /// Gives back the body pages of the idle connections' regions (see
-    /// `WorkerRegion::release_pages`); returns how many regions. Under the pool's lock, so no
-    /// request takes one of them meanwhile.
+    /// Frees the slot pages of the idle connections' regions that were used since the last
+    /// time (see `WorkerRegion::release_pages`); returns how many regions. Under the pool's
+    /// lock, so no request takes one of them meanwhile.
     pub fn release_idle_pages(&self) -> usize {
         let idle = self.idle();
         let regions = idle.iter().filter_map(|conn| conn.region.as_ref());
-        regions.map(|region| region.release_pages()).count()
+        regions.filter(|region| region.release_pages()).count()
     }
 
     /// How many idle connections are kept (for tests).
@@ -175,7 +175,7 @@ impl Pool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::io::Write;
+    use std::io::{IoSlice, Write};
 
     fn board(busy: &[bool]) -> LoadBoard {
         let slots: Vec<LoadSlot> = busy
@@ -236,6 +236,38 @@ mod tests {
         }
         idle.region = Some(region);
         (idle, peer)
+    }
+
+    #[test]
+    fn only_idle_connections_that_used_their_region_are_released() {
+        let pool = Pool::new(Path::new("/x.sock"), 8);
+        let load = board(&[false, false, false]);
+        let (used, _p0) = conn_with_region(0, true);
+        let (unused, _p1) = conn_with_region(1, true);
+        let (taken, _p2) = conn_with_region(2, true);
+        for conn in [&used, &taken] {
+            let region = conn.region.as_ref().unwrap();
+            region
+                .body_slot(0)
+                .write_at(0, &[IoSlice::new(b"x")])
+                .unwrap();
+        }
+        pool.put(used);
+        pool.put(unused);
+        pool.put(taken);
+        // A request takes the newest connection: it is not idle any more.
+        let (in_use, _) = pool.take(&load, false).unwrap();
+        assert_eq!(in_use.slot, Some(2));
+        assert_eq!(
+            pool.release_idle_pages(),
+            1,
+            "only the idle one that was used"
+        );
+        assert_eq!(pool.release_idle_pages(), 0, "nothing used since");
+        assert!(
+            in_use.region.as_ref().unwrap().release_pages(),
+            "the one in use was left alone"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::OwnedFd;
 
 use nix::sys::uio::pwritev;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::httpd::shm::Region;
@@ -29,6 +29,8 @@ pub struct WorkerRegion {
     /// One bit per data slot Apache holds. Kept here, not in the shared state words, which the
     /// daemon can write: a daemon naming a slot Apache still sends from is caught.
     held: AtomicU32,
+    /// A slot was used since the pages were last released (`release_pages`).
+    used: AtomicBool,
 }
 
 const _: () = assert!(DATA_SLOTS <= 32 && BODY_SLOTS == 2);
@@ -41,6 +43,7 @@ impl WorkerRegion {
             region,
             fd,
             held: AtomicU32::new(0),
+            used: AtomicBool::new(false),
         }))
     }
 
@@ -52,6 +55,7 @@ impl WorkerRegion {
     /// Takes data slot `slot`, which the daemon just filled, until the lease is dropped; None
     /// when Apache still holds it (the daemon broke the protocol).
     pub fn lease(self: &Arc<Self>, slot: usize) -> Option<SlotLease> {
+        self.used.store(true, Ordering::Release);
         let bit = 1u32 << slot;
         if slot >= DATA_SLOTS || self.held.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
             return None;
@@ -87,9 +91,17 @@ impl WorkerRegion {
     /// Frees the pages of the body slots and of the data slots Apache does not hold (real
     /// memory: the memfd's, which both processes map), for a connection no request uses: the
     /// daemon writes a data slot, and Apache a body slot, only during a request. The next big
-    /// body maps fresh pages. A slot that cannot be freed is left as it is.
-    pub fn release_pages(&self) {
+    /// body maps fresh pages. False if no slot was used since the last time (nothing to free).
+    /// The control page, with the slots' state words, is never touched.
+    pub fn release_pages(&self) -> bool {
+        if !self.used.swap(false, Ordering::AcqRel) {
+            return false;
+        }
         let held = self.held.load(Ordering::Acquire);
+        if held != 0 {
+            // Freed the next time, once Apache has sent them.
+            self.used.store(true, Ordering::Release);
+        }
         let slots = (0..BODY_SLOTS)
             .map(|slot| (body_slot_offset(slot), BODY_SLOT_LEN))
             .chain(
@@ -105,10 +117,12 @@ impl WorkerRegion {
                 len as libc::off_t,
             );
         }
+        true
     }
 
     /// Body slot `slot` (0 or 1), for the client's body bytes.
     pub fn body_slot(&self, slot: usize) -> BodySlot<'_> {
+        self.used.store(true, Ordering::Release);
         BodySlot {
             fd: &self.fd,
             slot: slot.min(BODY_SLOTS - 1),
@@ -234,13 +248,21 @@ mod tests {
             .body_slot(0)
             .write_at(0, &[IoSlice::new(b"body")])
             .unwrap();
-        region.release_pages();
+        let done_lease = region.lease(done).unwrap();
+        drop(done_lease);
+        assert!(region.release_pages());
         assert_eq!(lease.copy(4), b"held", "a held slot keeps its bytes");
         assert_eq!(region.region.copy_from_data_slot(done, 4), [0; 4]);
         assert_eq!(&daemon.body_slot(0)[..4], &[0; 4]);
-        // The region works as before: the slots fill again.
+        // The state words survive: the held slot stays claimed, the released one is free.
+        assert_eq!(daemon.claim_data_slot(), Some(done));
         daemon.fill_data_slot(done, b"next");
         assert_eq!(region.region.copy_from_data_slot(done, 4), b"next");
+        // The held slot is freed the next time, once Apache has sent it.
+        drop(lease);
+        assert!(region.release_pages());
+        assert_eq!(region.region.copy_from_data_slot(sent, 4), [0; 4]);
+        assert!(!region.release_pages(), "nothing used since");
     }
 
     #[test]

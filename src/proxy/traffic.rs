@@ -14,7 +14,7 @@ use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 use super::pieces;
 use super::pool::Pool;
 use crate::httpd::heap;
-use crate::logging::Level;
+use crate::logging::{self, Level};
 use crate::quiet::{self, Quiet, Trimmed};
 use crate::wsgi_log;
 
@@ -58,15 +58,20 @@ fn state() -> Quiet {
     }
 }
 
-/// Starts this child's watch (once, at child start): `pools` gives the child's connection
-/// pools (empty before the first request).
+/// Starts this child's watch (once, when the child makes its connection pools): `pools`
+/// gives them.
 pub fn watch(pools: fn() -> &'static [Pool]) {
     now_ms();
+    // Apache's signals are for its own threads: the watch starts with all of them blocked.
+    let mut previous = SigSet::empty();
+    let blocked = pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut previous),
+    );
     let spawned = std::thread::Builder::new()
         .name("wsgi-quiet".into())
         .spawn(move || {
-            // Apache's signals are for its own threads.
-            let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None);
             let mut trimmed = Trimmed::default();
             loop {
                 std::thread::sleep(Duration::from_millis(250));
@@ -76,6 +81,9 @@ pub fn watch(pools: fn() -> &'static [Pool]) {
                 }
             }
         });
+    if blocked.is_ok() {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
+    }
     if let Err(err) = spawned {
         wsgi_log!(
             Level::Warn,
@@ -86,12 +94,13 @@ pub fn watch(pools: fn() -> &'static [Pool]) {
 }
 
 fn give_back(pools: &[Pool]) {
-    let before = heap::resident_bytes();
+    let logged = logging::enabled(Level::Debug);
+    let before = logged.then(heap::resident_bytes).flatten();
     let started = Instant::now();
     let pieces = pieces::release_spares();
     let connections: usize = pools.iter().map(Pool::release_idle_pages).sum();
     heap::give_back_free_memory();
-    if let (Some(before), Some(after)) = (before, heap::resident_bytes()) {
+    if let (Some(before), Some(after)) = (before, logged.then(heap::resident_bytes).flatten()) {
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         wsgi_log!(
             Level::Debug,
