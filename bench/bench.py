@@ -728,8 +728,11 @@ def summarise(runs):
         add("daemon after uploads", "HWM MiB",
             lambda r: kib(scen(r, "upload8MiB", 16)["memory"]["daemon_hwm_max_kb"]), "lower", None, "%.1f")
     if last:
-        add("daemon %.0f s after last run" % QUIET_SAMPLE_S, "RSS MiB",
+        add("daemon %.0f s after the end" % QUIET_SAMPLE_S, "RSS MiB",
             lambda r: kib(r["quiet_after"]["daemon_rss_max_kb"]), "lower", None, "%.1f")
+    if last:
+        add("Apache child %.0f s after end" % QUIET_SAMPLE_S, "RSS MiB",
+            lambda r: kib(r["quiet_after"]["child_rss_max_kb"]), "lower", None, "%.1f")
     add("Apache child idle", "RSS MiB", lambda r: kib(r["idle"]["child_rss_max_kb"]), "lower", None, "%.1f")
     if ("64MiB", 16) in names:
         # While 64 MiB responses stream to 16 clients: the largest child's memory without the
@@ -837,8 +840,9 @@ def print_table(rows, meta):
                "itself, during the wrk runs (per run in results.json).")
     out.append("Memory: VmRSS/VmHWM of the largest daemon process / Apache worker child. Wrk cuts off "
                "in-flight transfers at the end of each run, so the error log has 'read error' lines.")
-    out.append("daemon %.0f s after last run: once no request has run for a second, mod_wsgi_rs's daemons give "
-               "the memory the app freed back to the system." % QUIET_SAMPLE_S)
+    out.append("%.0f s after (the) end: once no request has run for a second, mod_wsgi_rs's daemons and Apache children "
+               "give back the memory the burst left (malloc's free memory; the children also the shared slot pages of idle "
+               "connections)." % QUIET_SAMPLE_S)
     out.append("Apache child in last run: one sample half-way through the last scenario. anon = RssAnon "
                "(private memory); shmem = RssShmem: for mod_wsgi_rs,")
     out.append("the pages of the response slots it shares with the daemons, which also count in the "
