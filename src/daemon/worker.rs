@@ -297,21 +297,14 @@ fn start_monitor(
 
 /// Gives the memory malloc holds free back to the system; says how much at LogLevel debug.
 fn give_back_memory(name: &str) {
-    let logged = crate::logging::enabled(Level::Debug);
-    let before = logged.then(heap::resident_bytes).flatten();
-    let started = Instant::now();
+    let change = heap::ResidentChange::start(crate::logging::enabled(Level::Debug));
     if !heap::give_back_free_memory() {
         return;
     }
-    if let (Some(before), Some(after)) = (before, logged.then(heap::resident_bytes).flatten()) {
-        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    if let Some(change) = change.finish() {
         wsgi_log!(
             Level::Debug,
-            "WSGIRS0450: Process '{name}' gave the memory its application freed back: \
-             resident {:.1} MiB -> {:.1} MiB, in {:.1} ms.",
-            mib(before),
-            mib(after),
-            started.elapsed().as_secs_f64() * 1000.0
+            "WSGIRS0450: Process '{name}' gave the memory its application freed back: {change}."
         );
     }
 }

@@ -2,6 +2,8 @@
 //! libc call; it touches no httpd types (daemons and Apache children use it, and so do unit
 //! tests).
 
+use std::time::Instant;
+
 /// Gives the memory that malloc holds free (in every thread's arena) back to the system.
 /// True if any was given back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -25,6 +27,34 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
+/// How the resident size changed over some work, and how long it took, for a debug line.
+/// /proc is read only when the line is `wanted`.
+pub struct ResidentChange {
+    before: Option<u64>,
+    started: Instant,
+}
+
+impl ResidentChange {
+    pub fn start(wanted: bool) -> ResidentChange {
+        ResidentChange {
+            before: wanted.then(resident_bytes).flatten(),
+            started: Instant::now(),
+        }
+    }
+
+    /// "resident A MiB -> B MiB, in C ms"; None when not wanted.
+    pub fn finish(self) -> Option<String> {
+        let (before, after) = (self.before?, resident_bytes()?);
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        Some(format!(
+            "resident {:.1} MiB -> {:.1} MiB, in {:.1} ms",
+            mib(before),
+            mib(after),
+            self.started.elapsed().as_secs_f64() * 1000.0
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -35,6 +65,16 @@ mod tests {
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
         let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib / 1024
+    }
+
+    #[test]
+    fn a_resident_change_is_measured_only_when_wanted() {
+        assert_eq!(ResidentChange::start(false).finish(), None);
+        let line = ResidentChange::start(true).finish().unwrap();
+        assert!(
+            line.starts_with("resident ") && line.contains(" MiB -> "),
+            "{line}"
+        );
     }
 
     #[test]

@@ -94,23 +94,16 @@ pub fn watch(pools: fn() -> &'static [Pool]) {
 }
 
 fn give_back(pools: &[Pool]) {
-    let logged = logging::enabled(Level::Debug);
-    let before = logged.then(heap::resident_bytes).flatten();
-    let started = Instant::now();
+    let change = heap::ResidentChange::start(logging::enabled(Level::Debug));
     let pieces = pieces::release_spares();
     let connections: usize = pools.iter().map(Pool::release_idle_pages).sum();
     heap::give_back_free_memory();
-    if let (Some(before), Some(after)) = (before, logged.then(heap::resident_bytes).flatten()) {
-        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    if let Some(change) = change.finish() {
         wsgi_log!(
             Level::Debug,
             "WSGIRS0324: Apache child gave memory back after going quiet: {pieces} spare \
              buffers, the pages big bodies left in the memory it shares with daemons over \
-             {connections} idle connections, and what malloc kept: resident {:.1} MiB -> \
-             {:.1} MiB, in {:.1} ms.",
-            mib(before),
-            mib(after),
-            started.elapsed().as_secs_f64() * 1000.0
+             {connections} idle connections, and what malloc kept: {change}."
         );
     }
 }
