@@ -463,6 +463,21 @@ pub mod region {
         CONTROL_LEN + BODY_SLOTS * BODY_SLOT_LEN + slot * DATA_SLOT_LEN
     }
 
+    /// How many data slots a daemon may fill for one response (`response-buffer-size=`):
+    /// the size in whole slots, rounded up, from 1 to DATA_SLOTS. Bytes in data slots are
+    /// held by the Apache child until its client takes them, so this bounds that child's
+    /// memory per response; more slots let the daemon run further ahead of a download.
+    pub const fn data_slots_for(response_buffer_size: usize) -> usize {
+        let slots = response_buffer_size.div_ceil(DATA_SLOT_LEN);
+        if slots < 1 {
+            1
+        } else if slots > DATA_SLOTS {
+            DATA_SLOTS
+        } else {
+            slots
+        }
+    }
+
     const _: () = assert!(state_offset(DATA_SLOTS) <= WAITING_OFFSET);
     const _: () = assert!(WAITING_OFFSET + 4 <= PICKUP_OFFSET);
     const _: () = assert!(PICKUP_OFFSET + 4 <= CONTROL_LEN);
@@ -715,6 +730,20 @@ mod tests {
             region::data_slot_offset(0),
             region::body_slot_offset(region::BODY_SLOTS)
         );
+    }
+
+    #[test]
+    fn response_buffer_size_counts_whole_data_slots() {
+        use region::{data_slots_for, DATA_SLOTS, DATA_SLOT_LEN};
+        // mod_wsgi's own default and minimum: one slot.
+        assert_eq!(data_slots_for(65_536), 1);
+        assert_eq!(data_slots_for(65_537), 2);
+        assert_eq!(data_slots_for(131_072), 2);
+        assert_eq!(data_slots_for(DATA_SLOTS * DATA_SLOT_LEN), DATA_SLOTS);
+        // Beyond what a region has, and below one slot: clamped.
+        assert_eq!(data_slots_for(64 * 1024 * 1024), DATA_SLOTS);
+        assert_eq!(data_slots_for(1), 1);
+        assert_eq!(data_slots_for(0), 1);
     }
 
     /// A writer that accepts at most 3 bytes per call, to exercise partial vectored writes.

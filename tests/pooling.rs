@@ -1577,3 +1577,61 @@ fn an_apache_child_gives_back_the_pages_big_bodies_left_once_it_is_quiet() {
     thread::sleep(Duration::from_millis(1500));
     echo();
 }
+
+/// response-buffer-size= bounds how much of one response a daemon puts in the memory it shares
+/// with the Apache child, which holds those bytes until its client takes them: in 64 KiB
+/// slots, so 65536 is one slot where the default allows four. Against a client that stalls,
+/// each daemon fills what it may and sends the rest inline; every byte arrives.
+#[test]
+fn response_buffer_size_bounds_what_a_response_holds_in_shared_memory() {
+    if reference_mode() {
+        // mod_wsgi shares no memory with its daemons.
+        return;
+    }
+    let server = TestServer::start(
+        "SendBufferSize 32768\n\
+         WSGIDaemonProcess small processes=1 threads=2 response-buffer-size=65536\n\
+         WSGIDaemonProcess roomy processes=1 threads=2\n\
+         WSGIScriptAlias /small/stream @APPS@/stream.wsgi process-group=small\n\
+         WSGIScriptAlias /small/memory @APPS@/memory.wsgi process-group=small\n\
+         WSGIScriptAlias /roomy/stream @APPS@/stream.wsgi process-group=roomy\n\
+         WSGIScriptAlias /roomy/memory @APPS@/memory.wsgi process-group=roomy\n",
+    );
+    const SLOT_KIB: u64 = 64;
+    let mut filled = HashMap::new();
+    for group in ["small", "roomy"] {
+        let pid = info_pid(&server, &format!("/{group}/memory")) as u32;
+        let len = 4 * 1024 * 1024 + 7;
+        let path = format!("/{group}/stream?bytes={len}&seed=21");
+        let mut check = PatternCheck::new(21, len);
+        let mut first = true;
+        let streamed = http_stream(server.addr(), "GET", &path, &[], Body::Empty, |chunk| {
+            // Stall once the socket buffers are full: the daemon runs as far ahead as it may.
+            if std::mem::take(&mut first) {
+                thread::sleep(Duration::from_millis(500));
+            }
+            check.feed(chunk);
+        })
+        .unwrap_or_else(|e| panic!("{path}: {e}\n{}", server.error_log()));
+        assert_eq!(streamed.status, 200, "{path}: {streamed:?}");
+        assert_eq!(streamed.body_len, len, "{path}");
+        check.finish().unwrap_or_else(|e| panic!("{path}: {e}"));
+        // At once: the Apache child frees these pages only after a quiet second. What the
+        // daemon has touched beyond each region's control page is the data slots it filled
+        // (a GET leaves the body slots alone).
+        let (kib, mappings) = region_pages_kib(pid);
+        filled.insert(group, kib.saturating_sub(4 * mappings));
+    }
+    assert!(
+        filled["roomy"] > SLOT_KIB,
+        "the default group filled only {} KiB of data slots: this test proves nothing",
+        filled["roomy"]
+    );
+    assert!(
+        filled["small"] <= SLOT_KIB,
+        "response-buffer-size=65536 allows one 64 KiB slot, but the daemon filled {} KiB (the \
+         default group filled {} KiB)",
+        filled["small"],
+        filled["roomy"]
+    );
+}

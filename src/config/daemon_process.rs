@@ -155,7 +155,10 @@ impl ProcessGroupSpec {
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
     pub const DEFAULT_LISTEN_BACKLOG: u32 = 100;
     pub const DEFAULT_HEADER_BUFFER_SIZE: usize = 32_768;
-    pub const DEFAULT_RESPONSE_BUFFER_SIZE: usize = 65_536;
+    /// Every data slot of a region (4 x 64 KiB; see `wire::region::data_slots_for`), not
+    /// mod_wsgi's 65536: one slot would make single big downloads a third slower.
+    pub const DEFAULT_RESPONSE_BUFFER_SIZE: usize =
+        crate::wire::region::DATA_SLOTS * crate::wire::region::DATA_SLOT_LEN;
 
     /// A group with every option at its default.
     pub fn new(name: impl Into<String>) -> Self {
@@ -479,7 +482,7 @@ impl DaemonOption {
             // The kernel clamps to net.core.somaxconn anyway.
             ListenBacklog => rule(0, 65_535, "", None),
             HeaderBufferSize => rule(8_192, 1_048_576, BYTES, Some("the default, 32768")),
-            ResponseBufferSize => rule(65_536, 67_108_864, BYTES, Some("the default, 65536")),
+            ResponseBufferSize => rule(65_536, 67_108_864, BYTES, Some("the default, 262144")),
             // rlim_t values; i64::MAX keeps clear of RLIM_INFINITY.
             MemoryLimit | VirtualMemoryLimit => rule(0, i64::MAX as u64, BYTES, OFF),
             CpuTimeLimit => rule(0, u64::from(u32::MAX), SECS, OFF),
@@ -1127,7 +1130,7 @@ mod tests {
         assert_eq!(spec.queue_timeout, None);
         assert_eq!(spec.listen_backlog, 100);
         assert_eq!(spec.header_buffer_size, 32768);
-        assert_eq!(spec.response_buffer_size, 65536);
+        assert_eq!(spec.response_buffer_size, 262_144);
         assert_eq!(spec.memory_limit, None);
         assert_eq!(spec.virtual_memory_limit, None);
         assert_eq!(spec.cpu_time_limit, None);
@@ -1396,7 +1399,14 @@ mod tests {
         assert!(msg.ends_with(
             "allowed: 0 (the default, 32768) or a whole number of bytes from 8192 to 1048576."
         ));
-        assert_eq!(ok(&["response-buffer-size=0"]).response_buffer_size, 65536);
+        assert_eq!(
+            ok(&["response-buffer-size=0"]).response_buffer_size,
+            262_144
+        );
+        assert_eq!(
+            ok(&["response-buffer-size=65536"]).response_buffer_size,
+            65536
+        );
         assert_eq!(
             ok(&["response-buffer-size=131072"]).response_buffer_size,
             131072

@@ -81,6 +81,8 @@ pub struct Connection {
     /// This response waited for a data slot in vain and has found none free since: it takes
     /// only free ones.
     slot_wait_failed: bool,
+    /// How many of the region's data slots a response may fill (`response-buffer-size=`).
+    data_slots: usize,
     body_done: bool,
     /// CONTENT_LENGTH still unread; None when the request gave none (chunked).
     body_left: Option<u64>,
@@ -98,6 +100,12 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Limits each response to the first `slots` data slots of the region (at least one).
+    pub fn with_data_slots(mut self, slots: usize) -> Connection {
+        self.data_slots = slots.clamp(1, region::DATA_SLOTS);
+        self
+    }
+
     pub fn new(stream: UnixStream, slot: u32) -> Connection {
         Connection {
             reader: BufReader::with_capacity(
@@ -116,6 +124,7 @@ impl Connection {
             region: None,
             offered_region: None,
             slot_wait_failed: false,
+            data_slots: region::DATA_SLOTS,
             body_done: false,
             body_left: None,
             headers_sent: false,
@@ -576,11 +585,11 @@ impl Connection {
     fn fill_data_slot(&mut self, data: &[u8]) -> Option<(usize, usize)> {
         let region = self.region.as_ref().filter(|_| data.len() >= SLOT_MIN)?;
         let slot = if self.slot_wait_failed {
-            let slot = region.claim_data_slot();
+            let slot = region.claim_data_slot(self.data_slots);
             self.slot_wait_failed = slot.is_none();
             slot
         } else {
-            let slot = region.wait_for_data_slot(SLOT_WAIT);
+            let slot = region.wait_for_data_slot(self.data_slots, SLOT_WAIT);
             self.slot_wait_failed = slot.is_none();
             slot
         }?;

@@ -37,7 +37,7 @@ use crate::load::LoadSlot;
 use crate::logging::Level;
 use crate::python;
 use crate::quiet::Trimmed;
-use crate::wire::{self, Kind, WireError};
+use crate::wire::{self, region, Kind, WireError};
 use crate::wsgi_log;
 
 pub struct DaemonContext {
@@ -728,7 +728,8 @@ fn admit(stream: UnixStream, group: &GroupRuntime, slot: u32) -> Option<Connecti
     // to): twice that is a safe ceiling for every read, so a stalled or vanished peer cannot
     // hold a thread forever.
     let _ = stream.set_read_timeout(Some(group.socket_timeout.max(Duration::from_secs(1)) * 2));
-    Some(Connection::new(stream, slot))
+    let data_slots = region::data_slots_for(group.spec.response_buffer_size);
+    Some(Connection::new(stream, slot).with_data_slots(data_slots))
 }
 
 fn refuse_origin(group: &GroupRuntime, why: &dyn std::fmt::Display) {

@@ -131,9 +131,10 @@ impl Region {
         self.word(state_offset(slot.min(DATA_SLOTS - 1)))
     }
 
-    /// Daemon side: takes a free data slot (marking it used), if there is one.
-    pub fn claim_data_slot(&self) -> Option<usize> {
-        (0..DATA_SLOTS).find(|&slot| {
+    /// Daemon side: takes a free data slot among the first `slots` (marking it used), if
+    /// there is one.
+    pub fn claim_data_slot(&self, slots: usize) -> Option<usize> {
+        (0..slots.clamp(1, DATA_SLOTS)).find(|&slot| {
             self.state(slot)
                 .compare_exchange(0, 1, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
@@ -142,8 +143,8 @@ impl Region {
 
     /// Daemon side: like `claim_data_slot`, but sleeps up to `timeout` for the worker to
     /// release one.
-    pub fn wait_for_data_slot(&self, timeout: Duration) -> Option<usize> {
-        if let Some(slot) = self.claim_data_slot() {
+    pub fn wait_for_data_slot(&self, slots: usize, timeout: Duration) -> Option<usize> {
+        if let Some(slot) = self.claim_data_slot(slots) {
             return Some(slot);
         }
         let waiting = self.word(WAITING_OFFSET);
@@ -152,7 +153,7 @@ impl Region {
             // Announce the wait, then look again: a release between the two either shows up
             // in the second look or finds the announcement and wakes us.
             waiting.store(1, Ordering::SeqCst);
-            if let Some(slot) = self.claim_data_slot() {
+            if let Some(slot) = self.claim_data_slot(slots) {
                 return Some(slot);
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -368,24 +369,55 @@ mod tests {
         assert_eq!(worker.copy_into_body_slot(1, 3, b"hello"), 5);
         assert_eq!(&daemon.body_slot(1)[3..8], b"hello");
         // Data: the daemon claims every slot, fills one, the worker reads and releases it.
-        let claimed: Vec<usize> = std::iter::from_fn(|| daemon.claim_data_slot()).collect();
+        let claimed: Vec<usize> =
+            std::iter::from_fn(|| daemon.claim_data_slot(DATA_SLOTS)).collect();
         assert_eq!(claimed, (0..DATA_SLOTS).collect::<Vec<_>>());
         assert_eq!(daemon.fill_data_slot(2, b"world"), 5);
         assert_eq!(worker.copy_from_data_slot(2, 5), b"world");
-        assert_eq!(daemon.claim_data_slot(), None);
+        assert_eq!(daemon.claim_data_slot(DATA_SLOTS), None);
         worker.release_data_slot(2);
-        assert_eq!(daemon.claim_data_slot(), Some(2));
+        assert_eq!(daemon.claim_data_slot(DATA_SLOTS), Some(2));
+    }
+
+    #[test]
+    fn a_daemon_limited_to_fewer_slots_waits_for_those_only() {
+        let (worker, fd) = Region::create().unwrap();
+        let daemon = Region::map(&fd).unwrap();
+        assert_eq!(daemon.claim_data_slot(1), Some(0));
+        assert_eq!(
+            daemon.claim_data_slot(1),
+            None,
+            "slot 1 is beyond the limit"
+        );
+        assert_eq!(
+            daemon.wait_for_data_slot(1, Duration::from_millis(20)),
+            None
+        );
+        assert_eq!(
+            daemon.claim_data_slot(0),
+            None,
+            "a limit of 0 still means one slot"
+        );
+        worker.release_data_slot(0);
+        assert_eq!(daemon.claim_data_slot(1), Some(0));
+        assert_eq!(daemon.claim_data_slot(2), Some(1));
+        assert_eq!(daemon.claim_data_slot(DATA_SLOTS + 9), Some(2));
     }
 
     #[test]
     fn a_waiting_daemon_is_woken_by_a_release() {
         let (worker, fd) = Region::create().unwrap();
         let daemon = Region::map(&fd).unwrap();
-        while daemon.claim_data_slot().is_some() {}
+        while daemon.claim_data_slot(DATA_SLOTS).is_some() {}
         let started = std::time::Instant::now();
-        assert_eq!(daemon.wait_for_data_slot(Duration::from_millis(30)), None);
+        assert_eq!(
+            daemon.wait_for_data_slot(DATA_SLOTS, Duration::from_millis(30)),
+            None
+        );
         assert!(started.elapsed() >= Duration::from_millis(30));
-        let waiter = std::thread::spawn(move || daemon.wait_for_data_slot(Duration::from_secs(20)));
+        let waiter = std::thread::spawn(move || {
+            daemon.wait_for_data_slot(DATA_SLOTS, Duration::from_secs(20))
+        });
         std::thread::sleep(Duration::from_millis(50));
         let released = std::time::Instant::now();
         worker.release_data_slot(1);

@@ -2291,7 +2291,9 @@ mod tests {
             // The answer: the body back, in two slot frames around an inline one.
             let mut all = headers_frame(b"200 OK", &[]);
             for part in [&expected_body[..60_000], &expected_body[60_000..]] {
-                let slot = region.claim_data_slot().unwrap();
+                let slot = region
+                    .claim_data_slot(crate::wire::region::DATA_SLOTS)
+                    .unwrap();
                 region.fill_data_slot(slot, part);
                 all.extend(frame(
                     Kind::DataSlot,
@@ -2321,7 +2323,9 @@ mod tests {
     fn slot_frames_that_break_the_protocol_are_refused() {
         // A data slot named again while Apache still sends from it.
         let daemon = Daemon::start_with_region(|mut s, _, region| {
-            let slot = region.claim_data_slot().unwrap();
+            let slot = region
+                .claim_data_slot(crate::wire::region::DATA_SLOTS)
+                .unwrap();
             region.fill_data_slot(slot, &[b'x'; 9000]);
             let mut all = headers_frame(b"200 OK", &[]);
             let named = wire::encode_data_slot(slot as u32, 9000);

@@ -239,10 +239,10 @@ mod tests {
     fn released_pages_read_as_zero_except_the_slots_apache_still_sends_from() {
         let region = WorkerRegion::create().unwrap();
         let daemon = Region::map(region.descriptor()).unwrap();
-        let sent = daemon.claim_data_slot().unwrap();
+        let sent = daemon.claim_data_slot(DATA_SLOTS).unwrap();
         daemon.fill_data_slot(sent, b"held");
         let lease = region.lease(sent).unwrap();
-        let done = daemon.claim_data_slot().unwrap();
+        let done = daemon.claim_data_slot(DATA_SLOTS).unwrap();
         daemon.fill_data_slot(done, b"done");
         region
             .body_slot(0)
@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(region.region.copy_from_data_slot(done, 4), [0; 4]);
         assert_eq!(&daemon.body_slot(0)[..4], &[0; 4]);
         // The state words survive: the held slot stays claimed, the released one is free.
-        assert_eq!(daemon.claim_data_slot(), Some(done));
+        assert_eq!(daemon.claim_data_slot(DATA_SLOTS), Some(done));
         daemon.fill_data_slot(done, b"next");
         assert_eq!(region.region.copy_from_data_slot(done, 4), b"next");
         // The held slot is freed the next time, once Apache has sent it.
@@ -269,7 +269,7 @@ mod tests {
     fn a_slot_is_leased_once_until_its_lease_is_dropped() {
         let region = WorkerRegion::create().unwrap();
         let daemon = Region::map(region.descriptor()).unwrap();
-        let slot = daemon.claim_data_slot().unwrap();
+        let slot = daemon.claim_data_slot(DATA_SLOTS).unwrap();
         daemon.fill_data_slot(slot, b"abc");
         let lease = region.lease(slot).unwrap();
         assert_eq!(lease.copy(3), b"abc");
@@ -283,6 +283,6 @@ mod tests {
         assert_eq!(lease.copy(3), b"abc");
         drop(lease);
         // Released: the daemon can claim it again (it is the lowest free slot).
-        assert_eq!(daemon.claim_data_slot(), Some(slot));
+        assert_eq!(daemon.claim_data_slot(DATA_SLOTS), Some(slot));
     }
 }
