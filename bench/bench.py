@@ -23,6 +23,9 @@ Environment:
                         2-second window in which other processes use < 10% of the CPUs
   BENCH_RETRIES=N       per module run, repeat up to N scenarios (default 4; quick 0) during
                         which other processes used > 10% of the CPUs; the quieter try counts
+  BENCH_DAEMON_OPTIONS="opt=value ..."
+                        more WSGIDaemonProcess options, for both modules alike (for example
+                        response-buffer-size=65536, mod_wsgi's default: see the README)
   BENCH_REPORT=file     only print the table of an earlier results.json
   BENCH_KEEP=1          keep the private ServerRoots under /tmp/mod_wsgi_rs-bench
 """
@@ -67,6 +70,8 @@ PACE_MS = env_int("BENCH_PACE_MS", 16)
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 QUIET_WAIT = env_int("BENCH_QUIET_WAIT", 5 if QUICK else 20)
 RETRIES = env_int("BENCH_RETRIES", 0 if QUICK else 4)
+DAEMON_OPTIONS = os.environ.get("BENCH_DAEMON_OPTIONS", "").split()
+DAEMON_LINE = "WSGIDaemonProcess bench processes=2 threads=16"
 QUIET_SAMPLE_S = 2.0  # after the last scenario: the daemons' memory once they are quiet
 IS_ROOT = os.geteuid() == 0
 
@@ -366,6 +371,9 @@ class Apache:
             text = f.read()
         text = (text.replace("@ROOT@", self.root).replace("@PORT@", str(self.port))
                 .replace("@MODULE_SO@", self.module["so"]).replace("@IF_ROOT@", "" if IS_ROOT else "#"))
+        if DAEMON_LINE not in text:
+            raise RuntimeError("bench/httpd.conf.in has no line %r" % DAEMON_LINE)
+        text = text.replace(DAEMON_LINE, " ".join([DAEMON_LINE] + DAEMON_OPTIONS))
         with open(self.conf, "w") as f:
             f.write(text)
         r = subprocess.run([APACHE, "-t", "-f", self.conf], stdout=subprocess.PIPE,
@@ -799,6 +807,9 @@ def print_table(rows, meta):
     out.append("mod_wsgi_rs vs mod_wsgi %s — %d round(s) x %d s wrk runs, order A B per round "
                "(A = mod_wsgi_rs, B = mod_wsgi), %d CPUs, wrk -t%d"
                % (meta["mod_wsgi_version"], meta["rounds"], meta["duration_s"], meta["cpus"], meta["wrk_threads"]))
+    extra = meta.get("config", "").partition(DAEMON_LINE)[2].strip()
+    if extra:
+        out.append("both modules with: %s %s" % (DAEMON_LINE, extra))
     fo = meta.get("foreign_cpu_pct")
     if fo:
         n, busy = fo.get("count", 0), fo.get("over_10", 0)
@@ -896,7 +907,7 @@ def main():
         "mod_wsgi_rs_so_sha256": sha256_file(MODULES[0]["so"]),
         "mod_wsgi_rs_so_mtime": datetime.datetime.fromtimestamp(
             os.path.getmtime(MODULES[0]["built_from"]), datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": "bench/httpd.conf.in: mpm_event, WSGIDaemonProcess bench processes=2 threads=16",
+        "config": "bench/httpd.conf.in: mpm_event, " + " ".join([DAEMON_LINE] + DAEMON_OPTIONS),
         "scenarios": [{"name": s[0], "c": s[1], "kind": s[2], "path": s[3], "body_bytes": s[4]} for s in SCENARIOS],
     }
     meta["loadavg_start"] = loadavg()
