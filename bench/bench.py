@@ -807,9 +807,8 @@ def print_table(rows, meta):
     out.append("mod_wsgi_rs vs mod_wsgi %s — %d round(s) x %d s wrk runs, order A B per round "
                "(A = mod_wsgi_rs, B = mod_wsgi), %d CPUs, wrk -t%d"
                % (meta["mod_wsgi_version"], meta["rounds"], meta["duration_s"], meta["cpus"], meta["wrk_threads"]))
-    extra = meta.get("config", "").partition(DAEMON_LINE)[2].strip()
-    if extra:
-        out.append("both modules with: %s %s" % (DAEMON_LINE, extra))
+    if meta.get("daemon_options"):
+        out.append("both modules with these WSGIDaemonProcess options: %s" % " ".join(meta["daemon_options"]))
     fo = meta.get("foreign_cpu_pct")
     if fo:
         n, busy = fo.get("count", 0), fo.get("over_10", 0)
@@ -908,6 +907,7 @@ def main():
         "mod_wsgi_rs_so_mtime": datetime.datetime.fromtimestamp(
             os.path.getmtime(MODULES[0]["built_from"]), datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": "bench/httpd.conf.in: mpm_event, " + " ".join([DAEMON_LINE] + DAEMON_OPTIONS),
+        "daemon_options": DAEMON_OPTIONS,
         "scenarios": [{"name": s[0], "c": s[1], "kind": s[2], "path": s[3], "body_bytes": s[4]} for s in SCENARIOS],
     }
     meta["loadavg_start"] = loadavg()

@@ -464,11 +464,12 @@ pub mod region {
     }
 
     /// How many data slots a daemon may fill for one response (`response-buffer-size=`):
-    /// the size in whole slots, rounded up, from 1 to DATA_SLOTS. Bytes in data slots are
-    /// held by the Apache child until its client takes them, so this bounds that child's
-    /// memory per response; more slots let the daemon run further ahead of a download.
+    /// as many whole slots as fit in the size (it is a maximum), from 1 to DATA_SLOTS. Bytes
+    /// in data slots are held by the Apache child until its client takes them, so this bounds
+    /// what one response holds of the memory the child shares with the daemon; more slots let
+    /// the daemon run further ahead of a download.
     pub const fn data_slots_for(response_buffer_size: usize) -> usize {
-        let slots = response_buffer_size.div_ceil(DATA_SLOT_LEN);
+        let slots = response_buffer_size / DATA_SLOT_LEN;
         if slots < 1 {
             1
         } else if slots > DATA_SLOTS {
@@ -735,10 +736,11 @@ mod tests {
     #[test]
     fn response_buffer_size_counts_whole_data_slots() {
         use region::{data_slots_for, DATA_SLOTS, DATA_SLOT_LEN};
-        // mod_wsgi's own default and minimum: one slot.
+        // mod_wsgi's own default and minimum: one slot. A maximum: never more than it says.
         assert_eq!(data_slots_for(65_536), 1);
-        assert_eq!(data_slots_for(65_537), 2);
+        assert_eq!(data_slots_for(131_071), 1);
         assert_eq!(data_slots_for(131_072), 2);
+        assert_eq!(data_slots_for(200_000), 3);
         assert_eq!(data_slots_for(DATA_SLOTS * DATA_SLOT_LEN), DATA_SLOTS);
         // Beyond what a region has, and below one slot: clamped.
         assert_eq!(data_slots_for(64 * 1024 * 1024), DATA_SLOTS);

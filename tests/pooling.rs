@@ -1528,6 +1528,7 @@ fn an_apache_child_gives_back_the_pages_big_bodies_left_once_it_is_quiet() {
         // mod_wsgi shares no memory with its daemons.
         return;
     }
+    let _turn = shared();
     let server = TestServer::start(
         "LogLevel wsgi_module:debug\n\
          WSGIDaemonProcess quiet processes=1 threads=4\n\
@@ -1588,6 +1589,7 @@ fn response_buffer_size_bounds_what_a_response_holds_in_shared_memory() {
         // mod_wsgi shares no memory with its daemons.
         return;
     }
+    let _turn = shared();
     let server = TestServer::start(
         "SendBufferSize 32768\n\
          WSGIDaemonProcess small processes=1 threads=2 response-buffer-size=65536\n\
@@ -1604,11 +1606,16 @@ fn response_buffer_size_bounds_what_a_response_holds_in_shared_memory() {
         let len = 4 * 1024 * 1024 + 7;
         let path = format!("/{group}/stream?bytes={len}&seed=21");
         let mut check = PatternCheck::new(21, len);
-        let mut first = true;
+        let mut stalled = None;
         let streamed = http_stream(server.addr(), "GET", &path, &[], Body::Empty, |chunk| {
-            // Stall once the socket buffers are full: the daemon runs as far ahead as it may.
-            if std::mem::take(&mut first) {
+            if stalled.is_none() {
+                // The client stalls at its first bytes; meanwhile the socket buffers fill and
+                // the daemon runs as far ahead as it may. Measured while the request still
+                // runs, so the Apache child's quiet-time release cannot have freed anything.
+                // What the daemon touched beyond each region's control page is the data slots
+                // it filled (a GET leaves the body slots alone).
                 thread::sleep(Duration::from_millis(500));
+                stalled = Some(region_pages_kib(pid));
             }
             check.feed(chunk);
         })
@@ -1616,10 +1623,7 @@ fn response_buffer_size_bounds_what_a_response_holds_in_shared_memory() {
         assert_eq!(streamed.status, 200, "{path}: {streamed:?}");
         assert_eq!(streamed.body_len, len, "{path}");
         check.finish().unwrap_or_else(|e| panic!("{path}: {e}"));
-        // At once: the Apache child frees these pages only after a quiet second. What the
-        // daemon has touched beyond each region's control page is the data slots it filled
-        // (a GET leaves the body slots alone).
-        let (kib, mappings) = region_pages_kib(pid);
+        let (kib, mappings) = stalled.unwrap_or_default();
         filled.insert(group, kib.saturating_sub(4 * mappings));
     }
     assert!(

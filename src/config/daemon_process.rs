@@ -1411,7 +1411,11 @@ mod tests {
             ok(&["response-buffer-size=131072"]).response_buffer_size,
             131072
         );
-        assert_bad_value(DaemonOption::ResponseBufferSize, "65535");
+        let msg = assert_bad_value(DaemonOption::ResponseBufferSize, "65535");
+        assert!(msg.ends_with(&format!(
+            "allowed: 0 (the default, {}) or a whole number of bytes from 65536 to 67108864.",
+            ProcessGroupSpec::DEFAULT_RESPONSE_BUFFER_SIZE
+        )));
         assert_bad_value(DaemonOption::ResponseBufferSize, "1");
     }
 

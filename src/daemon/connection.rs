@@ -949,6 +949,47 @@ mod tests {
         assert!(named.contains(&0) && named.contains(&1), "{named:?}");
     }
 
+    /// response-buffer-size=65536: one slot per response; with the worker holding it, the
+    /// rest goes inline, and every byte arrives in order.
+    #[test]
+    fn a_connection_limited_to_one_data_slot_uses_only_the_first() {
+        let (conn, mut worker, region) = connection_with_region();
+        let mut conn = conn.with_data_slots(1);
+        let data: Vec<u8> = (0..(3 * region::DATA_SLOT_LEN + 5_000) as u32)
+            .map(|i| (i % 239) as u8)
+            .collect();
+        conn.set_pending_headers(Vec::new());
+        assert!(conn.flush_headers().unwrap());
+        let sender = std::thread::spawn(move || {
+            conn.send_data(&data, true).unwrap();
+            conn.send_end().unwrap();
+            data
+        });
+        let mut frame = Vec::new();
+        let mut got = Vec::new();
+        let mut slots = Vec::new();
+        loop {
+            match wire::read_frame(&mut worker, &mut frame, 1 << 20).unwrap() {
+                Kind::Headers => {}
+                Kind::DataSlot => {
+                    let (slot, len) = wire::decode_data_slot(&frame).unwrap();
+                    got.extend(region.copy_from_data_slot(slot, len));
+                    slots.push(slot);
+                }
+                Kind::Data => got.extend_from_slice(&frame),
+                Kind::End => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let data = sender.join().unwrap();
+        assert!(got == data, "the response arrived altered");
+        assert_eq!(
+            slots,
+            [0],
+            "only the first slot, once (the worker never released it)"
+        );
+    }
+
     #[test]
     fn big_response_chunks_go_through_data_slots_and_inline_when_none_frees() {
         let (mut conn, mut worker, region) = connection_with_region();
