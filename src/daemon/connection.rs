@@ -101,6 +101,9 @@ pub struct Connection {
 
 impl Connection {
     /// Limits each response to the first `slots` data slots of the region (at least one).
+    /// Only the daemon keeps this limit: Apache children of the previous generation reach new
+    /// daemons through the same socket after a graceful restart that may have changed it, so
+    /// Apache checks only the region's own bound (DATA_SLOTS).
     pub fn with_data_slots(mut self, slots: usize) -> Connection {
         self.data_slots = slots.clamp(1, region::DATA_SLOTS);
         self
