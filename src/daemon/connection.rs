@@ -952,6 +952,32 @@ mod tests {
         assert!(named.contains(&0) && named.contains(&1), "{named:?}");
     }
 
+    /// The worker's side of a response, holding every slot it is given: the body bytes in
+    /// order, the data slots named (in order) and how many inline Data frames came.
+    fn read_response_holding_slots(
+        worker: &mut UnixStream,
+        region: &Region,
+    ) -> (Vec<u8>, Vec<usize>, usize) {
+        let mut frame = Vec::new();
+        let (mut got, mut slots, mut inline) = (Vec::new(), Vec::new(), 0);
+        loop {
+            match wire::read_frame(worker, &mut frame, 1 << 20).unwrap() {
+                Kind::Headers => {}
+                Kind::DataSlot => {
+                    let (slot, len) = wire::decode_data_slot(&frame).unwrap();
+                    got.extend(region.copy_from_data_slot(slot, len));
+                    slots.push(slot);
+                }
+                Kind::Data => {
+                    got.extend_from_slice(&frame);
+                    inline += 1;
+                }
+                Kind::End => return (got, slots, inline),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     /// response-buffer-size=65536: one slot per response; with the worker holding it, the
     /// rest goes inline, and every byte arrives in order.
     #[test]
@@ -968,22 +994,7 @@ mod tests {
             conn.send_end().unwrap();
             data
         });
-        let mut frame = Vec::new();
-        let mut got = Vec::new();
-        let mut slots = Vec::new();
-        loop {
-            match wire::read_frame(&mut worker, &mut frame, 1 << 20).unwrap() {
-                Kind::Headers => {}
-                Kind::DataSlot => {
-                    let (slot, len) = wire::decode_data_slot(&frame).unwrap();
-                    got.extend(region.copy_from_data_slot(slot, len));
-                    slots.push(slot);
-                }
-                Kind::Data => got.extend_from_slice(&frame),
-                Kind::End => break,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let (got, slots, _) = read_response_holding_slots(&mut worker, &region);
         let data = sender.join().unwrap();
         assert!(got == data, "the response arrived altered");
         assert_eq!(
@@ -1009,25 +1020,8 @@ mod tests {
             conn.send_end().unwrap();
             data
         });
-        let mut frame = Vec::new();
-        let mut got = Vec::new();
-        let (mut in_slots, mut inline) = (0, 0);
-        loop {
-            match wire::read_frame(&mut worker, &mut frame, 1 << 20).unwrap() {
-                Kind::Headers => {}
-                Kind::DataSlot => {
-                    let (slot, len) = wire::decode_data_slot(&frame).unwrap();
-                    got.extend(region.copy_from_data_slot(slot, len));
-                    in_slots += 1;
-                }
-                Kind::Data => {
-                    got.extend_from_slice(&frame);
-                    inline += 1;
-                }
-                Kind::End => break,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let (got, slots, inline) = read_response_holding_slots(&mut worker, &region);
+        let in_slots = slots.len();
         let data = sender.join().unwrap();
         let mut expected = data.clone();
         expected.extend_from_slice(&data[..20_000]);
