@@ -152,6 +152,7 @@ pub fn run(ctx: DaemonContext) -> i32 {
     if let Some(locale) = &ctx.group.spec.locale {
         std::env::set_var("LC_ALL", locale);
     }
+    heap::keep_freed_memory_while_busy();
     if let Err(err) = python::initialize(&ctx.group) {
         wsgi_log!(
             Level::Alert,
