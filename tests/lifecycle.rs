@@ -274,6 +274,51 @@ fn memory_a_big_body_freed_serves_the_next_request() {
     );
 }
 
+/// What big bodies freed on several threads is given back once the process is quiet too, all
+/// of it: the memory a daemon lets malloc keep for the next request (above) must not stay at
+/// the top of per-thread arenas, which malloc_trim leaves alone.
+#[test]
+fn memory_big_bodies_freed_on_several_threads_is_given_back_once_quiet() {
+    let server = TestServer::start(
+        "LogLevel wsgi_module:debug\n\
+         WSGIDaemonProcess quiet processes=1 threads=4\n\
+         WSGIScriptAlias /memory @APPS@/memory.wsgi process-group=quiet\n",
+    );
+    let report = server.get("/memory").json();
+    let (pid, before) = (report.u64_of("pid") as u32, report.u64_of("rss_kib"));
+    // Four at a time, twice: every thread of the process has had a 32 MiB body.
+    for _ in 0..2 {
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let r = server.get("/memory?body=32");
+                    assert_eq!(r.status, 200, "{r:?}");
+                });
+            }
+        });
+    }
+    let held = rss_kib(pid).unwrap_or(0);
+    if reference_mode() {
+        return;
+    }
+    // Otherwise this test proves nothing: the bodies' memory was kept for the next request.
+    assert!(
+        held > before + 24 * 1024,
+        "the freed bodies were not kept: {before} -> {held} KiB"
+    );
+    let mut now = held;
+    let given_back = wait_until(WAIT, || {
+        now = rss_kib(pid).unwrap_or(u64::MAX);
+        now < before + 8 * 1024
+    });
+    assert!(
+        given_back,
+        "the daemon still holds {now} KiB (was {before} KiB before the bodies, {held} KiB \
+         after them)\n{}",
+        server.error_log()
+    );
+}
+
 #[test]
 fn memory_the_application_freed_is_given_back_once_the_process_is_quiet() {
     let server = TestServer::start(

@@ -69,6 +69,8 @@ fn stop_signals() -> SigSet {
 
 /// Runs the daemon; the return value is the process exit code.
 pub fn run(ctx: DaemonContext) -> i32 {
+    // Before any thread exists: a thread that allocated first would get an arena of its own.
+    heap::keep_freed_memory_while_busy();
     let name = ctx.group.spec.name.clone();
     // Block before any thread exists so every thread inherits the mask; SIGPIPE is blocked
     // too, so writes to a vanished peer fail with EPIPE instead of killing the process.
@@ -152,7 +154,6 @@ pub fn run(ctx: DaemonContext) -> i32 {
     if let Some(locale) = &ctx.group.spec.locale {
         std::env::set_var("LC_ALL", locale);
     }
-    heap::keep_freed_memory_while_busy();
     if let Err(err) = python::initialize(&ctx.group) {
         wsgi_log!(
             Level::Alert,

@@ -32,17 +32,21 @@ const KEPT_FREE_UP_TO: libc::c_int = 64 << 20;
 /// instead of giving it back at once: glibc's default gives back every freed piece of more
 /// than 128 KiB at the top of a thread's arena, so the next big body faults all its pages in
 /// again (2,048 page faults for 8 MiB). A daemon gives the memory back anyway once it has been
-/// quiet for a second (`give_back_free_memory`). False if malloc refused (or is not glibc's),
-/// or the sysadmin has set malloc's thresholds (`malloc_tuned_by_sysadmin`), which are kept.
+/// quiet for a second (`give_back_free_memory`), which needs one arena for every thread:
+/// malloc_trim never reaches what stays free at the top of a thread's own arena. (Python
+/// threads take turns under the GIL, so they hardly contend for it.) To be called before the
+/// process starts a thread. False if malloc refused (or is not glibc's), or the sysadmin has
+/// set malloc's thresholds (`malloc_tuned_by_sysadmin`), which are kept.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn keep_freed_memory_while_busy() -> bool {
     if malloc_tuned_by_sysadmin(|name| std::env::var(name).ok()) {
         return false;
     }
-    // SAFETY: mallopt only changes malloc's thresholds; called before the daemon starts its
+    // SAFETY: mallopt only changes malloc's settings; called before the daemon starts its
     // threads.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_FROM) == 1
+        libc::mallopt(libc::M_ARENA_MAX, 1) == 1
+            && libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_FROM) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, KEPT_FREE_UP_TO) == 1
     }
 }
