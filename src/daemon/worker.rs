@@ -70,7 +70,7 @@ fn stop_signals() -> SigSet {
 /// Runs the daemon; the return value is the process exit code.
 pub fn run(ctx: DaemonContext) -> i32 {
     // Before any thread exists: a thread that allocated first would get an arena of its own.
-    heap::keep_freed_memory_while_busy();
+    let malloc_tuning = heap::keep_freed_memory_while_busy();
     let name = ctx.group.spec.name.clone();
     // Block before any thread exists so every thread inherits the mask; SIGPIPE is blocked
     // too, so writes to a vanished peer fail with EPIPE instead of killing the process.
@@ -166,6 +166,10 @@ pub fn run(ctx: DaemonContext) -> i32 {
     for script in &ctx.group.import_scripts {
         python::preload(script, &name);
     }
+    wsgi_log!(
+        Level::Debug,
+        "WSGIRS0451: Process '{name}' malloc: {malloc_tuning}."
+    );
     wsgi_log!(
         Level::Info,
         "WSGIRS0433: Starting process '{name}' with uid={}, gid={} and threads={}.",

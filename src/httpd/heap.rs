@@ -1,6 +1,6 @@
-//! Giving the memory malloc keeps for reuse back to the system. Here because it is a raw
-//! libc call; it touches no httpd types (daemons and Apache children use it, and so do unit
-//! tests).
+//! How much freed memory malloc keeps for reuse (`mallopt`), and giving it back to the system
+//! (`malloc_trim`). Here because these are raw libc calls; it touches no httpd types (daemons
+//! and Apache children use it, and so do unit tests).
 
 use std::time::Instant;
 
@@ -20,43 +20,84 @@ pub fn give_back_free_memory() -> bool {
 }
 
 /// Allocations this big or bigger get their own mapping, given back as soon as they are freed.
-/// glibc's own adaptive rule raises its threshold up to this (from 128 KiB) as it sees big
-/// blocks freed; a daemon starts there.
+/// glibc's own adaptive rule raises its threshold up to this (from 128 KiB, on 64-bit) as it
+/// sees big blocks freed; a daemon starts there.
 const OWN_MAPPING_FROM: libc::c_int = 32 << 20;
 
-/// How much freed memory an arena keeps at its top for the next allocations before it gives
-/// the rest back (twice the above, as glibc's adaptive rule would have it).
-const KEPT_FREE_UP_TO: libc::c_int = 64 << 20;
+/// Freed memory at the top of the heap stays there for the next allocations until it reaches
+/// this much; then glibc gives all of it back (twice the above, as glibc's adaptive rule
+/// would have it).
+const GIVEN_BACK_FROM: libc::c_int = 64 << 20;
 
-/// Lets malloc keep the memory a big request body or response freed for the next request,
-/// instead of giving it back at once: glibc's default gives back every freed piece of more
-/// than 128 KiB at the top of a thread's arena, so the next big body faults all its pages in
-/// again (2,048 page faults for 8 MiB). A daemon gives the memory back anyway once it has been
-/// quiet for a second (`give_back_free_memory`), which needs one arena for every thread:
-/// malloc_trim never reaches what stays free at the top of a thread's own arena. (Python
-/// threads take turns under the GIL, so they hardly contend for it.) To be called before the
-/// process starts a thread. False if malloc refused (or is not glibc's), or the sysadmin has
-/// set malloc's thresholds (`malloc_tuned_by_sysadmin`), which are kept.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn keep_freed_memory_while_busy() -> bool {
-    if malloc_tuned_by_sysadmin(|name| std::env::var(name).ok()) {
-        return false;
-    }
-    // SAFETY: mallopt only changes malloc's settings; called before the daemon starts its
-    // threads.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1) == 1
-            && libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_MAPPING_FROM) == 1
-            && libc::mallopt(libc::M_TRIM_THRESHOLD, KEPT_FREE_UP_TO) == 1
+/// What `keep_freed_memory_while_busy` did, for the daemon's debug line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MallocTuning {
+    /// All of it.
+    Applied,
+    /// Nothing: the sysadmin tuned malloc in the environment.
+    LeftToSysadmin,
+    /// malloc refused some of it (or is not glibc's).
+    Refused,
+}
+
+impl std::fmt::Display for MallocTuning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MallocTuning::Applied => {
+                "one arena for every thread, blocks of 32 MiB or more mapped on their own, freed \
+                 memory given back from 64 MiB at the top of the heap"
+            }
+            MallocTuning::LeftToSysadmin => {
+                "left as the environment sets it (MALLOC_* or GLIBC_TUNABLES=glibc.malloc.*)"
+            }
+            MallocTuning::Refused => "glibc's defaults (malloc refused the daemon's settings)",
+        })
     }
 }
 
-/// Whether the environment (`var`) sets malloc's thresholds already.
+/// Lets malloc keep the memory a big request body or response freed for the next request,
+/// instead of giving it back at once: glibc's default gives back the free top of the heap
+/// once it reaches 128 KiB, so every big body faults all its pages in again (2,048 page faults
+/// for 8 MiB). A daemon gives the memory back anyway once it has been quiet for a second
+/// (`give_back_free_memory`), which needs one arena for every thread: malloc_trim never
+/// reaches what stays free at the top of a thread's own arena. One arena also means one lock:
+/// the threads of a daemon mostly take turns under the GIL anyway.
+///
+/// To be called before the process starts a thread, in a process forked from a single-threaded
+/// one (Apache's parent): a thread takes an arena the parent's threads left before it looks at
+/// the limit. The sysadmin's own settings in the environment are kept.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn keep_freed_memory_while_busy() -> MallocTuning {
+    if malloc_tuned_by_sysadmin(|name| std::env::var(name).ok()) {
+        return MallocTuning::LeftToSysadmin;
+    }
+    let settings = [
+        (libc::M_ARENA_MAX, 1),
+        (libc::M_MMAP_THRESHOLD, OWN_MAPPING_FROM),
+        (libc::M_TRIM_THRESHOLD, GIVEN_BACK_FROM),
+    ];
+    // Each on its own: one that malloc refuses does not keep the others from taking effect.
+    let applied = settings
+        .iter()
+        // SAFETY: mallopt only changes malloc's settings; called before the daemon starts its
+        // threads.
+        .filter(|&&(option, value)| unsafe { libc::mallopt(option, value) } == 1)
+        .count();
+    if applied == settings.len() {
+        MallocTuning::Applied
+    } else {
+        MallocTuning::Refused
+    }
+}
+
+/// Whether the environment (`var`) tunes malloc already.
 fn malloc_tuned_by_sysadmin(var: impl Fn(&str) -> Option<String>) -> bool {
     [
         "MALLOC_TRIM_THRESHOLD_",
         "MALLOC_MMAP_THRESHOLD_",
         "MALLOC_TOP_PAD_",
+        "MALLOC_ARENA_MAX",
+        "MALLOC_ARENA_TEST",
     ]
     .iter()
     .any(|name| var(name).is_some())
@@ -65,8 +106,8 @@ fn malloc_tuned_by_sysadmin(var: impl Fn(&str) -> Option<String>) -> bool {
 
 /// Other C libraries keep their own rules.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn keep_freed_memory_while_busy() -> bool {
-    false
+pub fn keep_freed_memory_while_busy() -> MallocTuning {
+    MallocTuning::Refused
 }
 
 /// This process's resident memory (VmRSS), from /proc/self/statm.
