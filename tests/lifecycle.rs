@@ -310,15 +310,26 @@ fn memory_big_bodies_freed_on_several_threads_is_given_back_once_quiet() {
         held > before + 9 * 1024,
         "the freed bodies were not kept: {before} -> {held} KiB"
     );
+    assert_memory_given_back(&server, pid, (before, "the bodies"), held, 6 * 1024);
+}
+
+/// Waits until daemon `pid` is back under `margin_kib` above its resident size `before` (what)
+/// after holding `held` KiB, and fails if it is not within WAIT.
+fn assert_memory_given_back(
+    server: &TestServer,
+    pid: u32,
+    (before, what): (u64, &str),
+    held: u64,
+    margin_kib: u64,
+) {
     let mut now = held;
     let given_back = wait_until(WAIT, || {
         now = rss_kib(pid).unwrap_or(u64::MAX);
-        now < before + 6 * 1024
+        now < before + margin_kib
     });
     assert!(
         given_back,
-        "the daemon still holds {now} KiB (was {before} KiB before the bodies, {held} KiB \
-         after them)\n{}",
+        "the daemon still holds {now} KiB (was {before} KiB before {what}, {held} KiB after)\n{}",
         server.error_log()
     );
 }
@@ -360,16 +371,6 @@ fn memory_the_application_freed_is_given_back_once_the_process_is_quiet() {
         );
         return;
     }
-    let mut now = held;
-    let given_back = wait_until(WAIT, || {
-        now = rss_kib(pid).unwrap_or(u64::MAX);
-        now < before + 32 * 1024
-    });
-    assert!(
-        given_back,
-        "the daemon still holds {now} KiB (was {before} KiB before the request, {held} KiB \
-         after it)\n{}",
-        server.error_log()
-    );
+    assert_memory_given_back(&server, pid, (before, "the request"), held, 32 * 1024);
     server.expect_log("WSGIRS0450: Process 'quiet' gave the memory", WAIT);
 }
