@@ -277,16 +277,22 @@ fn memory_a_big_body_freed_serves_the_next_request() {
     );
 }
 
+/// A server whose group 'quiet' (one process of `threads` threads) runs memory.wsgi at
+/// /memory, with the module's debug lines (the give-back ones) in the log.
+fn quiet_group_server(threads: u32) -> TestServer {
+    TestServer::start(&format!(
+        "LogLevel wsgi_module:debug\n\
+         WSGIDaemonProcess quiet processes=1 threads={threads}\n\
+         WSGIScriptAlias /memory @APPS@/memory.wsgi process-group=quiet\n"
+    ))
+}
+
 /// What big bodies freed on several threads is given back once the process is quiet too, all
 /// of it: the memory a daemon lets malloc keep for the next request (above) must not stay at
 /// the top of per-thread arenas, which malloc_trim leaves alone.
 #[test]
 fn memory_big_bodies_freed_on_several_threads_is_given_back_once_quiet() {
-    let server = TestServer::start(
-        "LogLevel wsgi_module:debug\n\
-         WSGIDaemonProcess quiet processes=1 threads=4\n\
-         WSGIScriptAlias /memory @APPS@/memory.wsgi process-group=quiet\n",
-    );
+    let server = quiet_group_server(4);
     let report = server.get("/memory").json();
     let (pid, before) = (report.u64_of("pid") as u32, report.u64_of("rss_kib"));
     // Four at a time, twice: every thread of the process has had a 12 MiB body. (Together
@@ -336,11 +342,7 @@ fn assert_memory_given_back(
 
 #[test]
 fn memory_the_application_freed_is_given_back_once_the_process_is_quiet() {
-    let server = TestServer::start(
-        "LogLevel wsgi_module:debug\n\
-         WSGIDaemonProcess quiet processes=1 threads=2\n\
-         WSGIScriptAlias /memory @APPS@/memory.wsgi process-group=quiet\n",
-    );
+    let server = quiet_group_server(2);
     let r = server.get("/memory?fragment=96");
     assert_eq!(r.status, 200, "{r:?}\n{}", server.error_log());
     let report = r.json();
