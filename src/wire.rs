@@ -430,7 +430,7 @@ pub mod region {
     /// anything else: the worker may still be sending it) and, on its own cache line, the
     /// word a daemon waiting for a free data slot sleeps on.
     pub const CONTROL_LEN: usize = 4096;
-    /// Offset of the waiting word.
+    /// Offset of the waiting word: 0 while no daemon waits; otherwise `waiting_word`.
     pub const WAITING_OFFSET: usize = 64;
     /// Offset of the pickup word, on its own cache line. It is PICKUP_UNMAPPED until the
     /// daemon has mapped the region (it sets PICKUP_IDLE when a thread picks up a request).
@@ -461,6 +461,27 @@ pub mod region {
 
     pub const fn data_slot_offset(slot: usize) -> usize {
         CONTROL_LEN + BODY_SLOTS * BODY_SLOT_LEN + slot * DATA_SLOT_LEN
+    }
+
+    /// The waiting word of a daemon that waits for a data slot among its first `slots`, to be
+    /// woken once `wanted` of them are free: the slot count in the high half, the wanted
+    /// count in the low half (each at least 1). A worker that releases a slot wakes the
+    /// daemon only once that many are free, so a daemon can sleep while Apache sends several
+    /// slots and refill them in one go.
+    pub fn waiting_word(slots: usize, wanted: usize) -> u32 {
+        let slots = slots.clamp(1, DATA_SLOTS);
+        ((slots as u32) << 16) | wanted.clamp(1, slots) as u32
+    }
+
+    /// `(slots, wanted)` from a waiting word, clamped to the layout (the daemon writes it). A
+    /// word without a slot count wakes on any free slot.
+    pub fn waiting_parts(word: u32) -> (usize, usize) {
+        let slots = (word >> 16) as usize;
+        if slots == 0 {
+            return (DATA_SLOTS, 1);
+        }
+        let slots = slots.min(DATA_SLOTS);
+        (slots, ((word & 0xffff) as usize).clamp(1, slots))
     }
 
     /// How many data slots a daemon may fill for one response (`response-buffer-size=`):
@@ -746,6 +767,32 @@ mod tests {
         assert_eq!(data_slots_for(64 * 1024 * 1024), DATA_SLOTS);
         assert_eq!(data_slots_for(1), 1);
         assert_eq!(data_slots_for(0), 1);
+    }
+
+    #[test]
+    fn waiting_words_say_how_many_free_slots_wake_the_daemon() {
+        use region::{waiting_parts, waiting_word, DATA_SLOTS};
+        assert_eq!(
+            waiting_parts(waiting_word(DATA_SLOTS, DATA_SLOTS - 1)),
+            (DATA_SLOTS, DATA_SLOTS - 1)
+        );
+        assert_eq!(waiting_parts(waiting_word(2, 1)), (2, 1));
+        // At least one of at least one slot, never more than the region has.
+        assert_eq!(waiting_parts(waiting_word(1, 0)), (1, 1));
+        assert_eq!(waiting_parts(waiting_word(0, 0)), (1, 1));
+        assert_eq!(
+            waiting_parts(waiting_word(99, 99)),
+            (DATA_SLOTS, DATA_SLOTS)
+        );
+        assert_ne!(
+            waiting_word(0, 0),
+            0,
+            "a waiting daemon never writes 0 (nobody waits)"
+        );
+        // Whatever a daemon writes is clamped; a word without a slot count wakes on any slot.
+        assert_eq!(waiting_parts(1), (DATA_SLOTS, 1));
+        assert_eq!(waiting_parts(u32::MAX), (DATA_SLOTS, DATA_SLOTS));
+        assert_eq!(waiting_parts(2 << 16), (2, 1));
     }
 
     /// A writer that accepts at most 3 bytes per call, to exercise partial vectored writes.
