@@ -1733,6 +1733,86 @@ fn an_apache_child_gives_back_the_pages_big_bodies_left_once_it_is_quiet() {
     echo();
 }
 
+/// A busy Apache child does not wait for a quiet second to free the pages big bodies left in
+/// the region of a kept connection: once that connection has been idle for a second, its pages
+/// go, while the child still runs a request of another group.
+#[test]
+fn a_busy_apache_child_frees_the_pages_of_a_connection_idle_for_a_second() {
+    if reference_mode() {
+        // mod_wsgi shares no memory with its daemons.
+        return;
+    }
+    let _turn = shared();
+    let server = TestServer::start(
+        "LogLevel wsgi_module:debug\n\
+         WSGIDaemonProcess bodies processes=1 threads=2\n\
+         WSGIDaemonProcess sleepy processes=1 threads=2\n\
+         WSGIScriptAlias /echo @APPS@/echo.wsgi process-group=bodies\n\
+         WSGIScriptAlias /sleep @APPS@/sleep.wsgi process-group=sleepy\n",
+    );
+    let body: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    // One client connection, so one Apache child serves both of its requests.
+    let mut client = server.connect();
+    let echoed = client.request("POST", "/echo?spool=1", &[], &body).unwrap();
+    assert_eq!(echoed.status, 200);
+    assert!(echoed.body == body, "the echoed body differs");
+    // The child now runs a 4 s request in the other group: it has no quiet moment until then.
+    client.send("GET", "/sleep?4", &[], b"").unwrap();
+    let sleeping = Instant::now();
+    let regions = || -> (u64, u64) {
+        let processes = server.processes();
+        let each = processes.iter().map(|p| region_pages_kib(p.pid));
+        each.fold((0, 0), |(kib, n), (k, m)| (kib + k, n + m))
+    };
+    let (held, mappings) = regions();
+    assert!(
+        held >= 512,
+        "the body left only {held} KiB in {mappings} region mappings: this test proves nothing"
+    );
+    let mut now = held;
+    // Only the control pages stay (the sleeping request's connection uses no slot).
+    let freed = wait_until(Duration::from_secs(3), || {
+        let (kib, mappings) = regions();
+        now = kib;
+        kib <= 4 * mappings
+    });
+    let freed_after = sleeping.elapsed();
+    assert!(
+        freed,
+        "the regions still hold {now} KiB (was {held} KiB)\n{}",
+        server.error_log()
+    );
+    assert!(
+        freed_after < Duration::from_millis(3500),
+        "freed only after {freed_after:?}, when the child may have been quiet already"
+    );
+    let slept = client.read_response("GET").unwrap();
+    assert_eq!(slept.status, 200, "{slept:?}");
+    assert!(
+        sleeping.elapsed() >= Duration::from_secs(4),
+        "the request kept the child busy"
+    );
+    let log = server.error_log();
+    assert!(
+        log.contains(
+            "WSGIRS0325: Apache child freed the pages big bodies left in the memory it shares \
+             with daemons over kept connections idle for a second (1 of them)."
+        ),
+        "{log}"
+    );
+    assert!(
+        !log.contains("WSGIRS0324"),
+        "no child went quiet, so none gave memory back that way\n{log}"
+    );
+    // The kept connection still carries big bodies intact, on fresh pages.
+    let again = client.request("POST", "/echo?spool=1", &[], &body).unwrap();
+    assert_eq!(again.status, 200);
+    assert!(
+        again.body == body,
+        "the echoed body differs after the release"
+    );
+}
+
 /// response-buffer-size= bounds how much of one response a daemon puts in the memory it shares
 /// with the Apache child, which holds those bytes until its client takes them: in 64 KiB
 /// slots, so 65536 is one slot where the default allows four. Against a client that stalls,

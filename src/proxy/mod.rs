@@ -316,6 +316,7 @@ fn open(target: &Target<'_>) -> Result<Idle, ProxyError> {
         stream,
         slot: None,
         region,
+        parked_at: None,
     })
 }
 
@@ -403,6 +404,7 @@ fn exchange(
         stream: conn.stream,
         slot,
         region: conn.region,
+        parked_at: None,
     });
     Ok(Exchange::Done(outcome, keep))
 }
@@ -1344,6 +1346,7 @@ mod tests {
             stream: ours,
             slot: Some(slot),
             region,
+            parked_at: None,
         };
         (idle, theirs, mapped)
     }

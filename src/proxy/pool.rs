@@ -9,6 +9,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use crate::load::{LoadBoard, LoadSlot};
 
@@ -23,6 +24,8 @@ pub(super) struct Idle {
     pub(super) slot: Option<usize>,
     /// The memory shared with the daemon process over this connection, if any.
     pub(super) region: Option<Arc<WorkerRegion>>,
+    /// When the pool last got it back (None until then).
+    pub(super) parked_at: Option<Instant>,
 }
 
 /// What a worker holds on the process at the other end of the connection it took: a thread
@@ -144,7 +147,8 @@ impl Pool {
 
     /// Keeps a connection whose last response ended cleanly. When full, the oldest goes (it
     /// may be a dead one whose process looked busy when it died).
-    pub(super) fn put(&self, conn: Idle) {
+    pub(super) fn put(&self, mut conn: Idle) {
+        conn.parked_at = Some(Instant::now());
         let mut idle = self.idle();
         if idle.len() >= self.capacity {
             idle.remove(0);
@@ -152,12 +156,16 @@ impl Pool {
         idle.push(conn);
     }
 
-    /// Frees the slot pages of the idle connections' regions that were used since the last
-    /// time (see `WorkerRegion::release_pages`); returns how many regions. Under the pool's
-    /// lock, so no request takes one of them meanwhile.
-    pub fn release_idle_pages(&self) -> usize {
+    /// Frees the slot pages of the regions of the idle connections parked at or before
+    /// `parked_by` that were used since the last time (see `WorkerRegion::release_pages`);
+    /// returns how many regions. Under the pool's lock, so no request takes one of them
+    /// meanwhile.
+    pub fn release_idle_pages(&self, parked_by: Instant) -> usize {
         let idle = self.idle();
-        let regions = idle.iter().filter_map(|conn| conn.region.as_ref());
+        let regions = idle
+            .iter()
+            .filter(|conn| conn.parked_at.is_none_or(|at| at <= parked_by))
+            .filter_map(|conn| conn.region.as_ref());
         regions.filter(|region| region.release_pages()).count()
     }
 
@@ -199,6 +207,7 @@ mod tests {
                 stream: ours,
                 slot,
                 region: None,
+                parked_at: None,
             },
             theirs,
         )
@@ -259,14 +268,51 @@ mod tests {
         let (in_use, _) = pool.take(&load, false).unwrap();
         assert_eq!(in_use.slot, Some(2));
         assert_eq!(
-            pool.release_idle_pages(),
+            pool.release_idle_pages(Instant::now()),
             1,
             "only the idle one that was used"
         );
-        assert_eq!(pool.release_idle_pages(), 0, "nothing used since");
+        assert_eq!(
+            pool.release_idle_pages(Instant::now()),
+            0,
+            "nothing used since"
+        );
         assert!(
             in_use.region.as_ref().unwrap().release_pages(),
             "the one in use was left alone"
+        );
+    }
+
+    #[test]
+    fn only_connections_parked_by_the_cutoff_are_released() {
+        let pool = Pool::new(Path::new("/x.sock"), 8);
+        let (earlier, _p0) = conn_with_region(0, true);
+        let (later, _p1) = conn_with_region(1, true);
+        for conn in [&earlier, &later] {
+            let region = conn.region.as_ref().unwrap();
+            region
+                .body_slot(0)
+                .write_at(0, &[IoSlice::new(b"x")])
+                .unwrap();
+        }
+        pool.put(earlier);
+        let cutoff = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        pool.put(later);
+        assert_eq!(
+            pool.release_idle_pages(cutoff),
+            1,
+            "only the one parked by the cutoff"
+        );
+        assert_eq!(
+            pool.release_idle_pages(Instant::now()),
+            1,
+            "the later one once the cutoff passes it"
+        );
+        assert_eq!(
+            pool.release_idle_pages(Instant::now()),
+            0,
+            "nothing used since"
         );
     }
 

@@ -1,7 +1,8 @@
 //! An Apache child's requests to daemons, and the watch that gives memory back once the child
 //! has gone quiet (`quiet::trim_due`): the spare response pieces, the pages big bodies left
 //! in the regions of its idle kept connections (real memory, which the daemons at the other
-//! end also count), and what malloc keeps free.
+//! end also count), and what malloc keeps free. A child that never goes quiet still frees
+//! the region pages of each kept connection that has been idle for a second.
 
 #![forbid(unsafe_code)]
 
@@ -78,6 +79,8 @@ pub fn watch(pools: fn() -> &'static [Pool]) {
                 if let Some(now) = quiet::trim_due(trimmed, state()) {
                     trimmed = now;
                     give_back(pools());
+                } else {
+                    release_idle_connections(pools());
                 }
             }
         });
@@ -93,10 +96,36 @@ pub fn watch(pools: fn() -> &'static [Pool]) {
     }
 }
 
+/// How long a kept connection stays idle before its region's pages are freed even while
+/// other requests keep the child busy: as long as the child as a whole must be quiet.
+const IDLE_CONNECTION: Duration = Duration::from_millis(quiet::TRIM_IDLE_MS);
+
+/// Frees the region pages of the kept connections idle for IDLE_CONNECTION. Under steady
+/// load the pools hand out their newest connections, so the ones a past burst of parallel
+/// big bodies opened would otherwise keep those pages until the child has a quiet second,
+/// which a busy child may never have.
+fn release_idle_connections(pools: &[Pool]) {
+    let Some(parked_by) = Instant::now().checked_sub(IDLE_CONNECTION) else {
+        return;
+    };
+    let connections: usize = pools
+        .iter()
+        .map(|pool| pool.release_idle_pages(parked_by))
+        .sum();
+    if connections > 0 {
+        wsgi_log!(
+            Level::Debug,
+            "WSGIRS0325: Apache child freed the pages big bodies left in the memory it shares \
+             with daemons over kept connections idle for a second ({connections} of them)."
+        );
+    }
+}
+
 fn give_back(pools: &[Pool]) {
     let change = heap::ResidentChange::start(logging::enabled(Level::Debug));
     let pieces = pieces::release_spares();
-    let connections: usize = pools.iter().map(Pool::release_idle_pages).sum();
+    let now = Instant::now();
+    let connections: usize = pools.iter().map(|pool| pool.release_idle_pages(now)).sum();
     heap::give_back_free_memory();
     if let Some(change) = change.finish() {
         wsgi_log!(
