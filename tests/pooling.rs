@@ -1673,6 +1673,29 @@ fn region_pages_kib(pid: u32) -> (u64, u64) {
     (kib, mappings)
 }
 
+/// `region_pages_kib` summed over every process of the server (Apache's and the daemons').
+fn server_region_pages_kib(server: &TestServer) -> (u64, u64) {
+    let processes = server.processes();
+    let each = processes.iter().map(|p| region_pages_kib(p.pid));
+    each.fold((0, 0), |(kib, n), (k, m)| (kib + k, n + m))
+}
+
+/// Waits up to `within` for the server's regions to keep only their control pages (one 4 KiB
+/// page per mapping); Err with the KiB they still hold.
+fn wait_for_control_pages_only(server: &TestServer, within: Duration) -> Result<(), u64> {
+    let mut now = 0;
+    let freed = wait_until(within, || {
+        let (kib, mappings) = server_region_pages_kib(server);
+        now = kib;
+        kib <= 4 * mappings
+    });
+    if freed {
+        Ok(())
+    } else {
+        Err(now)
+    }
+}
+
 /// After big bodies, the pages they left in the memory an Apache child shares with a daemon
 /// (one region per kept connection) are freed once the child is quiet; the connection stays,
 /// and the bodies it carries afterwards arrive intact.
@@ -1700,29 +1723,18 @@ fn an_apache_child_gives_back_the_pages_big_bodies_left_once_it_is_quiet() {
     // (The worker puts the connection back just after the client has its response.)
     thread::sleep(Duration::from_millis(200));
     echo();
-    let regions = || -> (u64, u64) {
-        let processes = server.processes();
-        let each = processes.iter().map(|p| region_pages_kib(p.pid));
-        each.fold((0, 0), |(kib, n), (k, m)| (kib + k, n + m))
-    };
-    let (held, mappings) = regions();
+    let (held, mappings) = server_region_pages_kib(&server);
     // At least the daemon's body slots.
     assert!(
         held >= 512,
         "the bodies left only {held} KiB in {mappings} region mappings: this test proves nothing"
     );
-    let mut now = held;
-    let freed = wait_until(Duration::from_secs(10), || {
-        let (kib, mappings) = regions();
-        now = kib;
-        // Only the control pages stay.
-        kib <= 4 * mappings
-    });
-    assert!(
-        freed,
-        "the regions still hold {now} KiB (was {held} KiB)\n{}",
-        server.error_log()
-    );
+    if let Err(now) = wait_for_control_pages_only(&server, Duration::from_secs(10)) {
+        panic!(
+            "the regions still hold {now} KiB (was {held} KiB)\n{}",
+            server.error_log()
+        );
+    }
     server.expect_log(
         "WSGIRS0324: Apache child gave memory back after going quiet",
         Duration::from_secs(10),
@@ -1759,29 +1771,20 @@ fn a_busy_apache_child_frees_the_pages_of_a_connection_idle_for_a_second() {
     // The child now runs a 4 s request in the other group: it has no quiet moment until then.
     client.send("GET", "/sleep?4", &[], b"").unwrap();
     let sleeping = Instant::now();
-    let regions = || -> (u64, u64) {
-        let processes = server.processes();
-        let each = processes.iter().map(|p| region_pages_kib(p.pid));
-        each.fold((0, 0), |(kib, n), (k, m)| (kib + k, n + m))
-    };
-    let (held, mappings) = regions();
+    let (held, mappings) = server_region_pages_kib(&server);
     assert!(
         held >= 512,
         "the body left only {held} KiB in {mappings} region mappings: this test proves nothing"
     );
-    let mut now = held;
-    // Only the control pages stay (the sleeping request's connection uses no slot).
-    let freed = wait_until(Duration::from_secs(3), || {
-        let (kib, mappings) = regions();
-        now = kib;
-        kib <= 4 * mappings
-    });
+    // (The sleeping request's connection uses no slot: its region keeps its control page.)
+    let freed = wait_for_control_pages_only(&server, Duration::from_secs(3));
     let freed_after = sleeping.elapsed();
-    assert!(
-        freed,
-        "the regions still hold {now} KiB (was {held} KiB)\n{}",
-        server.error_log()
-    );
+    if let Err(now) = freed {
+        panic!(
+            "the regions still hold {now} KiB (was {held} KiB)\n{}",
+            server.error_log()
+        );
+    }
     assert!(
         freed_after < Duration::from_millis(3500),
         "freed only after {freed_after:?}, when the child may have been quiet already"

@@ -247,6 +247,15 @@ mod tests {
         (idle, peer)
     }
 
+    /// Uses the connection's region as a request with a body does (it then has pages to free).
+    fn write_a_body_slot(conn: &Idle) {
+        let region = conn.region.as_ref().unwrap();
+        region
+            .body_slot(0)
+            .write_at(0, &[IoSlice::new(b"x")])
+            .unwrap();
+    }
+
     #[test]
     fn only_idle_connections_that_used_their_region_are_released() {
         let pool = Pool::new(Path::new("/x.sock"), 8);
@@ -255,11 +264,7 @@ mod tests {
         let (unused, _p1) = conn_with_region(1, true);
         let (taken, _p2) = conn_with_region(2, true);
         for conn in [&used, &taken] {
-            let region = conn.region.as_ref().unwrap();
-            region
-                .body_slot(0)
-                .write_at(0, &[IoSlice::new(b"x")])
-                .unwrap();
+            write_a_body_slot(conn);
         }
         pool.put(used);
         pool.put(unused);
@@ -289,11 +294,7 @@ mod tests {
         let (earlier, _p0) = conn_with_region(0, true);
         let (later, _p1) = conn_with_region(1, true);
         for conn in [&earlier, &later] {
-            let region = conn.region.as_ref().unwrap();
-            region
-                .body_slot(0)
-                .write_at(0, &[IoSlice::new(b"x")])
-                .unwrap();
+            write_a_body_slot(conn);
         }
         pool.put(earlier);
         let cutoff = Instant::now();
