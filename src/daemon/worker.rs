@@ -610,7 +610,7 @@ impl Dispatcher {
         match accepted {
             Ok(fd) => {
                 let stream = UnixStream::from(listener::own_accepted(fd));
-                if let Some(conn) = admit(stream, &self.group, self.slot) {
+                if let Some(conn) = admit(stream, &self.group, self.slot, self.load) {
                     self.serve(conn, thread, true);
                 }
             }
@@ -696,7 +696,7 @@ impl Dispatcher {
                 break;
             };
             let stream = UnixStream::from(listener::own_accepted(fd));
-            if let Some(conn) = admit(stream, &self.group, self.slot) {
+            if let Some(conn) = admit(stream, &self.group, self.slot, self.load) {
                 self.serve(conn, thread, true);
             }
         }
@@ -717,7 +717,12 @@ impl Dispatcher {
 }
 
 /// Checks a new connection's peer and sets its deadlines.
-fn admit(stream: UnixStream, group: &GroupRuntime, slot: u32) -> Option<Connection> {
+fn admit(
+    stream: UnixStream,
+    group: &GroupRuntime,
+    slot: u32,
+    load: Option<&'static LoadSlot>,
+) -> Option<Connection> {
     let peer_uid = match getsockopt(&stream, PeerCredentials) {
         Ok(cred) => cred.uid(),
         Err(err) => {
@@ -735,7 +740,11 @@ fn admit(stream: UnixStream, group: &GroupRuntime, slot: u32) -> Option<Connecti
     // hold a thread forever.
     let _ = stream.set_read_timeout(Some(group.socket_timeout.max(Duration::from_secs(1)) * 2));
     let data_slots = region::data_slots_for(group.spec.response_buffer_size);
-    Some(Connection::new(stream, slot).with_data_slots(data_slots))
+    Some(
+        Connection::new(stream, slot)
+            .with_data_slots(data_slots)
+            .with_process_load(load),
+    )
 }
 
 fn refuse_origin(group: &GroupRuntime, why: &dyn std::fmt::Display) {

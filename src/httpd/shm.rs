@@ -257,6 +257,13 @@ impl Region {
         len
     }
 
+    /// Tests: true while a daemon's announcement that it waits for a data slot stands (set by
+    /// `wait_for_data_slot`, cleared by the release that wakes it).
+    #[cfg(test)]
+    pub fn daemon_waits_for_a_slot(&self) -> bool {
+        self.word(WAITING_OFFSET).load(Ordering::SeqCst) != 0
+    }
+
     /// Worker side: a private copy of the first `len` bytes of data slot `slot`, for clients
     /// that cannot send from the slot itself.
     pub fn copy_from_data_slot(&self, slot: usize, len: usize) -> Vec<u8> {
