@@ -598,9 +598,8 @@ impl Connection {
     /// Copies the start of `data` into a free data slot, when there is a region, the data is
     /// big enough to be worth it and a slot frees up in time: the slot and the bytes copied.
     fn fill_data_slot(&mut self, data: &[u8]) -> Option<(usize, usize)> {
-        let overflows_inline = self.overflows_inline();
         let region = self.region.as_ref().filter(|_| data.len() >= SLOT_MIN)?;
-        let slot = if overflows_inline {
+        let slot = if self.overflows_inline() {
             region.claim_data_slot(self.data_slots)
         } else if self.slot_wait_failed {
             let slot = region.claim_data_slot(self.data_slots);
@@ -1006,6 +1005,34 @@ mod tests {
         }
     }
 
+    /// Sends `chunks` (bytes `i % modulus`, one send_data each, then End) to a worker that
+    /// holds every data slot it is given. Returns the bytes sent, the bytes that arrived,
+    /// the data slots named and how many inline Data frames came.
+    fn respond_to_a_holding_worker(
+        mut conn: Connection,
+        worker: &mut UnixStream,
+        region: &Region,
+        chunk_lens: &[usize],
+        modulus: u32,
+    ) -> (Vec<u8>, Vec<u8>, Vec<usize>, usize) {
+        let chunks: Vec<Vec<u8>> = chunk_lens
+            .iter()
+            .map(|&len| (0..len as u32).map(|i| (i % modulus) as u8).collect())
+            .collect();
+        let sent = chunks.concat();
+        conn.set_pending_headers(Vec::new());
+        assert!(conn.flush_headers().unwrap());
+        let sender = std::thread::spawn(move || {
+            for chunk in &chunks {
+                conn.send_data(chunk, true).unwrap();
+            }
+            conn.send_end().unwrap();
+        });
+        let (got, slots, inline) = read_response_holding_slots(worker, region);
+        sender.join().unwrap();
+        (sent, got, slots, inline)
+    }
+
     /// A load-board slot of a process that serves `requests` requests right now.
     fn process_serving(requests: u32) -> &'static LoadSlot {
         let slot: &'static LoadSlot = Box::leak(Box::default());
@@ -1024,21 +1051,16 @@ mod tests {
     fn a_connection_limited_to_one_data_slot_uses_only_the_first() {
         for (requests, waits) in [(None, true), (Some(1), false), (Some(2), true)] {
             let (conn, mut worker, region) = connection_with_region();
-            let mut conn = conn
+            let conn = conn
                 .with_data_slots(1)
                 .with_process_load(requests.map(process_serving));
-            let data: Vec<u8> = (0..(3 * region::DATA_SLOT_LEN + 5_000) as u32)
-                .map(|i| (i % 239) as u8)
-                .collect();
-            conn.set_pending_headers(Vec::new());
-            assert!(conn.flush_headers().unwrap());
-            let sender = std::thread::spawn(move || {
-                conn.send_data(&data, true).unwrap();
-                conn.send_end().unwrap();
-                data
-            });
-            let (got, slots, inline) = read_response_holding_slots(&mut worker, &region);
-            let data = sender.join().unwrap();
+            let (data, got, slots, inline) = respond_to_a_holding_worker(
+                conn,
+                &mut worker,
+                &region,
+                &[3 * region::DATA_SLOT_LEN + 5_000],
+                239,
+            );
             let case = format!("a process serving {requests:?} requests");
             assert!(got == data, "{case}: the response arrived altered");
             assert_eq!(
@@ -1053,27 +1075,18 @@ mod tests {
 
     #[test]
     fn big_response_chunks_go_through_data_slots_and_inline_when_none_frees() {
-        let (mut conn, mut worker, region) = connection_with_region();
-        let data: Vec<u8> = (0..(region::DATA_SLOTS * region::DATA_SLOT_LEN + 70_000) as u32)
-            .map(|i| (i % 241) as u8)
-            .collect();
-        conn.set_pending_headers(Vec::new());
-        assert!(conn.flush_headers().unwrap());
+        let (conn, mut worker, region) = connection_with_region();
         // The worker holds every slot it is given: once they are all taken, the daemon waits
         // SLOT_WAIT for one, then sends the rest inline.
-        let sender = std::thread::spawn(move || {
-            conn.send_data(&data, true).unwrap();
-            conn.send_data(&data[..20_000], true).unwrap();
-            conn.send_end().unwrap();
-            data
-        });
-        let (got, slots, inline) = read_response_holding_slots(&mut worker, &region);
-        let in_slots = slots.len();
-        let data = sender.join().unwrap();
-        let mut expected = data.clone();
-        expected.extend_from_slice(&data[..20_000]);
+        let (expected, got, slots, inline) = respond_to_a_holding_worker(
+            conn,
+            &mut worker,
+            &region,
+            &[region::DATA_SLOTS * region::DATA_SLOT_LEN + 70_000, 20_000],
+            241,
+        );
         assert!(got == expected, "the response arrived altered");
-        assert_eq!(in_slots, region::DATA_SLOTS);
+        assert_eq!(slots.len(), region::DATA_SLOTS);
         // The first chunk's last 70 000 bytes (in slot-sized frames: 65 536 and 4 464), then
         // the second chunk, which no longer waits.
         assert_eq!(inline, 3);
